@@ -1,0 +1,1 @@
+"""Plumbing of foldstream: Kafka consumers, the RocksDB state store, publishing, metrics, CLI."""
