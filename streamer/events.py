@@ -1,0 +1,194 @@
+"""The producer contract: decode one Kafka record into an interaction, a forget, or a rejection.
+
+A record on the interactions topic has key = user id (UTF-8) and value = UTF-8 JSON::
+
+    {"user": "u1", "item": "i9", "ts": 1700000000.5, "weight": 2.0,
+     "event": "click", "event_id": "c0ffee"}
+
+``user`` and ``item`` are required; ``ts`` (seconds since the epoch, or an ISO-8601
+string; default: the record's broker timestamp), ``weight`` (default: the weight of
+``event`` from the config, else ``processing.default_weight``), ``event`` and
+``event_id`` (drops re-sent duplicates) are optional. Unknown fields are ignored.
+A null value (tombstone) for a user key means: forget that user.
+
+Anything else becomes a :class:`Rejected` with a machine-readable ``reason`` that the
+consumer sends to the dead-letter topic, together with the original bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from streamer.codec import event_id_hash
+from streamer.config import ProcessingConfig
+
+# Reasons a record is dead-lettered (the ``reason`` header, and a metric label).
+REASONS = (
+    "missing_key",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "invalid_id",
+    "key_mismatch",
+    "invalid_weight",
+    "invalid_timestamp",
+    "unknown_event",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    user: str
+    item: str
+    weight: float
+    ts: float
+    event_id_hash: int  # 0 when the event carries no event_id
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    user: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str
+    detail: str
+    offset: int
+
+
+Decoded = Interaction | Forget | Rejected
+
+
+def parse_timestamp(value: object) -> float:
+    """Seconds since the epoch from a number or an ISO-8601 string (naive means UTC)."""
+    if isinstance(value, bool):
+        raise ValueError(f"ts must be a number or an ISO-8601 string, got {value!r}")
+    if isinstance(value, (int, float)):
+        ts = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        ts = parsed.timestamp()
+    else:
+        raise ValueError(f"ts must be a number or an ISO-8601 string, got {value!r}")
+    if not math.isfinite(ts):
+        raise ValueError(f"ts must be finite, got {value!r}")
+    return ts
+
+
+class EventDecoder:
+    """Validates records against the producer contract. Pure: no I/O, never raises on input."""
+
+    def __init__(self, config: ProcessingConfig) -> None:
+        self.config = config
+        self._event_weights = dict(config.event_weights)
+
+    def decode(self, key: bytes | None, value: bytes | None, offset: int,
+               broker_ts_ms: int | None = None) -> Decoded:
+        if key is None:
+            return Rejected("missing_key", "record has no key; the key must be the user id", offset)
+        try:
+            key_text = key.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejected("invalid_utf8", f"key is not UTF-8: {exc}", offset)
+        if value is None:
+            problem = self._id_problem(key_text, "key")
+            if problem:
+                return Rejected("invalid_id", problem, offset)
+            return Forget(key_text, offset)
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejected("invalid_utf8", f"value is not UTF-8: {exc}", offset)
+        try:
+            doc = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            return Rejected("invalid_json", f"value is not JSON: {exc}", offset)
+        if not isinstance(doc, dict):
+            return Rejected("not_an_object", f"value must be a JSON object, got "
+                            f"{type(doc).__name__}", offset)
+        return self._from_object(doc, key_text, offset, broker_ts_ms)
+
+    def _from_object(self, doc: dict, key: str, offset: int, broker_ts_ms: int | None) -> Decoded:
+        for name in ("user", "item"):
+            if name not in doc:
+                return Rejected("missing_field", f"field {name!r} is required", offset)
+            if not isinstance(doc[name], str):
+                return Rejected("wrong_type", f"field {name!r} must be a string, got "
+                                f"{type(doc[name]).__name__}", offset)
+        user, item = doc["user"], doc["item"]
+        for name, id_ in (("user", user), ("item", item)):
+            problem = self._id_problem(id_, name)
+            if problem:
+                return Rejected("invalid_id", problem, offset)
+        if user != key:
+            return Rejected("key_mismatch", f"key {key!r} differs from user {user!r}", offset)
+
+        event = doc.get("event")
+        if event is not None and not isinstance(event, str):
+            return Rejected("wrong_type", f"field 'event' must be a string, got "
+                            f"{type(event).__name__}", offset)
+        weight = doc.get("weight")
+        if weight is None:
+            if event is None:
+                weight = self.config.default_weight
+            elif event in self._event_weights:
+                weight = self._event_weights[event]
+            else:
+                return Rejected("unknown_event", f"event {event!r} has no configured weight; "
+                                f"known: {sorted(self._event_weights)}", offset)
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            return Rejected("wrong_type", f"field 'weight' must be a number, got "
+                            f"{type(weight).__name__}", offset)
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            return Rejected("invalid_weight", f"weight must be a finite number >= 0, got "
+                            f"{weight!r}", offset)
+
+        if "ts" in doc and doc["ts"] is not None:
+            try:
+                ts = parse_timestamp(doc["ts"])
+            except (ValueError, OverflowError, OSError) as exc:
+                return Rejected("invalid_timestamp", str(exc), offset)
+        elif broker_ts_ms is not None and broker_ts_ms >= 0:
+            ts = broker_ts_ms / 1000.0
+        else:
+            ts = math.nan
+
+        event_id = doc.get("event_id")
+        if event_id is None:
+            id_hash = 0
+        elif isinstance(event_id, str) and event_id:
+            id_hash = event_id_hash(event_id)
+        else:
+            return Rejected("wrong_type", f"field 'event_id' must be a non-empty string, got "
+                            f"{event_id!r}", offset)
+        return Interaction(user, item, weight, ts, id_hash, offset)
+
+    def _id_problem(self, id_: str, name: str) -> str | None:
+        if not id_:
+            return f"{name} must not be empty"
+        size = len(id_.encode("utf-8", "surrogatepass"))
+        if size > self.config.max_id_bytes:
+            return f"{name} is {size} bytes, more than max_id_bytes={self.config.max_id_bytes}"
+        try:
+            id_.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{name} is not valid Unicode text"
+        return None
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")

@@ -1,0 +1,534 @@
+"""Per-partition RocksDB state: one database per input partition, written in one batch per micro-batch.
+
+Layout: ``STATE_DIR/<topic>-<partition>/`` is a RocksDB database (raw bytes, via rocksdict) with
+four column families::
+
+    vectors    user id -> VectorRecord          (codec.encode_vector_record)
+    histories  user id -> UserHistory           (codec.encode_history)
+    meta       b"format_version" -> <I, b"applied_offset" -> offset, b"model_version" -> text
+    outbox     >Q offset + user id -> user id + VectorRecord, or a tombstone
+
+One database per partition lets a partition move to another process on the same host: the
+old owner closes it, the new owner opens it (retrying while RocksDB's LOCK is still held).
+
+Durability: the write-ahead log is always on, so a batch that :meth:`PartitionStore.commit_batch`
+returned from survives ``kill -9`` of the process (the WAL record is in the OS page cache).
+``sync_writes`` (:class:`streamer.config.StoreConfig`) adds an fsync per batch, which also
+survives power loss or a kernel crash, at the cost of one fsync per micro-batch (about a
+millisecond on local SSD, far more on network disks). Off, the default, such a crash can lose
+the last batches but never part of one (WAL recovery is point-in-time, flushes are atomic
+across column families); the applied offset goes back with them, so the consumer replays
+them from Kafka.
+
+Readers in other processes use :class:`StoreReader` (RocksDB secondary instances).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import re
+import struct
+import time
+import weakref
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
+
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Checkpoint,
+    DBRecoveryMode,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
+
+from streamer import codec
+from streamer.codec import OutboxEntry, UserHistory, VectorRecord
+from streamer.config import StoreConfig
+from streamer.errors import (
+    ConfigError,
+    StaleOffsetError,
+    StateStoreError,
+    StoreClosedError,
+    StoreFormatError,
+    StoreLockedError,
+    StoreNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+VECTORS = "vectors"
+HISTORIES = "histories"
+META = "meta"
+OUTBOX = "outbox"
+COLUMN_FAMILIES = (VECTORS, HISTORIES, META, OUTBOX)
+
+STORE_FORMAT_VERSION = 1
+_FORMAT_KEY = b"format_version"
+_OFFSET_KEY = b"applied_offset"
+_MODEL_KEY = b"model_version"
+_FORMAT_VALUE = struct.Struct("<I")
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_PARTITION_DIR = re.compile(r"([A-Za-z0-9._-]{1,249})-(\d+)")
+_COPY_CHUNK = 10_000
+# Table tuning; constants until a deployment needs to change them.
+WRITE_BUFFER_BYTES = 16 * 2**20  # memtable per column family, four per partition
+BLOOM_BITS_PER_KEY = 10  # point lookups of vectors and histories, mostly misses in StoreReader
+
+T = TypeVar("T")
+
+
+def partition_dir_name(topic: str, partition: int) -> str:
+    """Directory name of a partition's database: ``<topic>-<partition>``."""
+    if not isinstance(topic, str) or not _TOPIC.fullmatch(topic):
+        raise ConfigError(f"topic must match [A-Za-z0-9._-]{{1,249}}, got {topic!r}")
+    if not isinstance(partition, int) or partition < 0:
+        raise ConfigError(f"partition must be an int >= 0, got {partition!r}")
+    return f"{topic}-{partition}"
+
+
+def _is_lock_error(message: str) -> bool:
+    # The two messages RocksDB gives when the LOCK file is taken: by another process
+    # ("While lock file: <dir>/LOCK: Resource temporarily unavailable") and by this one
+    # ("lock hold by current process, ... <dir>/LOCK: No locks available").
+    return "/LOCK" in message and ("While lock file" in message or "lock hold by current process" in message)
+
+
+def _options(*, create: bool, secondary: bool) -> tuple[Options, dict[str, Options]]:
+    opts = Options(raw_mode=True)
+    opts.set_keep_log_file_num(3)
+    if secondary:
+        # Keep every table file open, so the primary's compactions cannot delete one from under a read.
+        opts.set_max_open_files(-1)
+    else:
+        opts.create_if_missing(create)
+        opts.create_missing_column_families(create)
+        opts.set_atomic_flush(True)
+        opts.set_wal_recovery_mode(DBRecoveryMode.point_in_time())
+    families = {}
+    for name in COLUMN_FAMILIES:
+        cf = Options(raw_mode=True)
+        cf.set_write_buffer_size(WRITE_BUFFER_BYTES)
+        if name in (VECTORS, HISTORIES):
+            table = BlockBasedOptions()
+            table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
+            cf.set_block_based_table_factory(table)
+        families[name] = cf
+    return opts, families
+
+
+class _Db:
+    """One open RocksDB instance, a view per column family, and the iterators lent out.
+
+    rocksdict keeps the database (and its LOCK) alive while any column-family view, handle,
+    iterator or Checkpoint object exists, so :meth:`close` closes all of them first.
+    """
+
+    def __init__(self, path: Path, *, create: bool, secondary_path: Path | None = None):
+        opts, families = _options(create=create, secondary=secondary_path is not None)
+        access = AccessType.read_write() if secondary_path is None else AccessType.secondary(str(secondary_path))
+        self.path = path
+        self.rdict = Rdict(str(path), opts, column_families=families, access_type=access)
+        self.cf: dict[str, Rdict] = {}
+        self.handle: dict = {}
+        self._scans: weakref.WeakSet = weakref.WeakSet()
+        try:
+            self.cf = {name: self.rdict.get_column_family(name) for name in COLUMN_FAMILIES}
+            if secondary_path is None:
+                self.handle = {name: self.rdict.get_column_family_handle(name) for name in COLUMN_FAMILIES}
+        except Exception:
+            self.close()
+            raise
+
+    def scan(self, name: str, decode: Callable[[bytes, bytes], T]) -> Iterator[T]:
+        gen = self._scan(name, decode)
+        self._scans.add(gen)
+        return gen
+
+    def _scan(self, name: str, decode: Callable[[bytes, bytes], T]) -> Iterator[T]:
+        items = self.cf[name].items()
+        for key, value in items:
+            yield decode(key, value)
+
+    def live_tables(self) -> frozenset[str]:
+        return frozenset(f["name"] for f in self.rdict.live_files())
+
+    def close(self) -> None:
+        errors = []
+        for gen in list(self._scans):
+            try:
+                gen.close()
+            except ValueError:  # closed from inside its own loop body
+                pass
+        for view in self.cf.values():
+            try:
+                view.close()
+            except Exception as exc:
+                errors.append(exc)
+        self.cf = {}
+        self.handle = {}
+        try:
+            self.rdict.close()
+        except Exception as exc:
+            errors.append(exc)
+        if errors:
+            raise StateStoreError(f"closing {self.path} failed: {'; '.join(map(str, errors))}") from errors[0]
+
+
+def _stored_format(db: _Db) -> int | None:
+    raw = db.cf[META].get(_FORMAT_KEY)
+    if raw is None:
+        return None
+    if len(raw) != _FORMAT_VALUE.size:
+        raise StoreFormatError(f"format version: must be {_FORMAT_VALUE.size} bytes, got {len(raw)}")
+    return _FORMAT_VALUE.unpack(raw)[0]
+
+
+def _check_format(db: _Db, path: Path) -> None:
+    found = _stored_format(db)
+    if found != STORE_FORMAT_VERSION:
+        raise StoreFormatError(f"{path}: store format version must be {STORE_FORMAT_VERSION}, got {found}")
+
+
+def _decode_outbox(key: bytes, value: bytes) -> OutboxEntry:
+    offset, user_id = codec.decode_outbox_key(key)
+    value_user, record = codec.decode_outbox_value(value)
+    if value_user != user_id:
+        raise StoreFormatError(f"outbox entry: key names user {user_id!r}, value names {value_user!r}")
+    return OutboxEntry(key, offset, user_id, record)
+
+
+def _cf_property(db: _Db, name: str) -> dict[str, int]:
+    return {cf: int(db.cf[cf].property_int_value(name) or 0) for cf in COLUMN_FAMILIES}
+
+
+class PartitionStore:
+    """The state of one input partition, owned by one process at a time.
+
+    Open it with :meth:`open`. Methods are not thread-safe: call them from the thread that
+    consumes the partition.
+    """
+
+    def __init__(self, db: _Db, path: Path, topic: str, partition: int, config: StoreConfig):
+        self._db: _Db | None = db
+        self.path = path
+        self.topic = topic
+        self.partition = partition
+        self.config = config
+        self._write_opts = WriteOptions()
+        self._write_opts.sync = config.sync_writes
+        self._applied = self._read_offset()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: str | os.PathLike,
+        topic: str,
+        partition: int,
+        *,
+        create: bool = True,
+        lock_timeout_s: float | None = None,
+        config: StoreConfig | None = None,
+    ) -> "PartitionStore":
+        """Open (or create) ``state_dir/<topic>-<partition>``.
+
+        While another process holds the database's LOCK (it is still closing after a
+        rebalance) this retries with exponential backoff (50 ms doubling to 1 s).
+
+        Parameters
+        ----------
+        state_dir : path
+        topic : str
+        partition : int
+        create : bool
+            Create the database when missing; else raise :class:`StoreNotFoundError`.
+        lock_timeout_s : float, optional
+            Overrides ``config.lock_timeout_s``.
+        config : streamer.config.StoreConfig, optional
+            ``sync_writes`` and ``lock_timeout_s`` are used; ``state_dir`` is not (pass it here).
+
+        Raises
+        ------
+        StoreLockedError
+            The LOCK is still held after ``lock_timeout_s``.
+        StoreFormatError
+            The database was written with another store format version.
+        StoreNotFoundError, StateStoreError
+        """
+        config = config or StoreConfig()
+        timeout = config.lock_timeout_s if lock_timeout_s is None else float(lock_timeout_s)
+        if not timeout >= 0:
+            raise ConfigError(f"lock_timeout_s must be >= 0, got {lock_timeout_s}")
+        path = Path(state_dir) / partition_dir_name(topic, partition)
+        if not create and not (path / "CURRENT").is_file():
+            raise StoreNotFoundError(f"no partition database at {path} (create=False)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        deadline = time.monotonic() + timeout
+        delay, attempts = 0.05, 0
+        while True:
+            attempts += 1
+            try:
+                db = _Db(path, create=create)
+                break
+            except Exception as exc:
+                message = str(exc)
+                if not _is_lock_error(message):
+                    raise StateStoreError(f"cannot open {path}: {message}") from exc
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreLockedError(
+                        f"{path}/LOCK still held by another process after {attempts} attempts "
+                        f"in {timeout:.1f}s (lock_timeout_s={timeout})"
+                    ) from exc
+                if attempts == 1:
+                    log.warning("%s is locked by another process; retrying for up to %.1fs", path, timeout)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
+        try:
+            cls._init_format(db, path)
+            store = cls(db, path, topic, partition, config)
+        except BaseException:
+            db.close()
+            raise
+        if attempts > 1:
+            log.info("opened %s after %d attempts", path, attempts)
+        return store
+
+    @staticmethod
+    def _init_format(db: _Db, path: Path) -> None:
+        if _stored_format(db) is None:
+            populated = any(next(iter(db.cf[name].keys()), None) is not None for name in COLUMN_FAMILIES)
+            if populated:
+                raise StoreFormatError(f"{path}: holds data but no store format version, expected {STORE_FORMAT_VERSION}")
+            batch = WriteBatch(raw_mode=True)
+            batch.put(_FORMAT_KEY, _FORMAT_VALUE.pack(STORE_FORMAT_VERSION), db.handle[META])
+            sync = WriteOptions()
+            sync.sync = True
+            db.rdict.write(batch, sync)
+            log.info("created partition store %s (format %d)", path, STORE_FORMAT_VERSION)
+        _check_format(db, path)
+
+    def close(self) -> None:
+        """Flush and close; idempotent. Open iterators from ``iter_*`` are closed too."""
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()
+
+    def __enter__(self) -> "PartitionStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        """``<topic>-<partition>``."""
+        return self.path.name
+
+    def _live(self) -> _Db:
+        if self._db is None:
+            raise StoreClosedError(f"partition store {self.name} is closed")
+        return self._db
+
+    def __repr__(self) -> str:
+        state = "closed" if self._db is None else f"applied_offset={self._applied}"
+        return f"PartitionStore({str(self.path)!r}, {state})"
+
+    # ------------------------------------------------------------------ reads
+
+    def _read_offset(self) -> int:
+        raw = self._live().cf[META].get(_OFFSET_KEY)
+        return -1 if raw is None else codec.decode_offset(raw)
+
+    def applied_offset(self) -> int:
+        """Offset of the last event applied from this partition, -1 when none.
+
+        After assignment the consumer seeks to ``applied_offset() + 1``.
+        """
+        self._live()
+        return self._applied
+
+    def model_version(self) -> str | None:
+        """Model version recorded by the last batch that gave one, None when never set."""
+        raw = self._live().cf[META].get(_MODEL_KEY)
+        return None if raw is None else codec.decode_text(raw)
+
+    def _multi_get(self, name: str, user_ids: Iterable[str], decode: Callable[[bytes], T]) -> dict[str, T]:
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        values = self._live().cf[name][[codec.encode_user_id(u) for u in ids]]
+        return {u: decode(v) for u, v in zip(ids, values) if v is not None}
+
+    def get_histories(self, user_ids: Iterable[str]) -> dict[str, UserHistory]:
+        """Histories of the users that have one (missing users are left out)."""
+        return self._multi_get(HISTORIES, user_ids, codec.decode_history)
+
+    def get_vectors(self, user_ids: Iterable[str]) -> dict[str, VectorRecord]:
+        """Vector records of the users that have one (missing users are left out)."""
+        return self._multi_get(VECTORS, user_ids, codec.decode_vector_record)
+
+    def iter_users(self) -> Iterator[tuple[str, UserHistory]]:
+        """Every ``(user_id, history)`` in user-id byte order, from one consistent view."""
+        return self._live().scan(HISTORIES, lambda k, v: (codec.decode_user_id(k), codec.decode_history(v)))
+
+    def iter_vectors(self) -> Iterator[tuple[str, VectorRecord]]:
+        """Every ``(user_id, vector record)`` in user-id byte order, from one consistent view."""
+        return self._live().scan(VECTORS, lambda k, v: (codec.decode_user_id(k), codec.decode_vector_record(v)))
+
+    def iter_outbox(self) -> Iterator[OutboxEntry]:
+        """Unacknowledged outbox entries, oldest batch first.
+
+        At startup, publish these before consuming: they were committed but their
+        publication was not acknowledged.
+        """
+        return self._live().scan(OUTBOX, _decode_outbox)
+
+    # ------------------------------------------------------------------ writes
+
+    def commit_batch(
+        self,
+        histories: Mapping[str, UserHistory],
+        vectors: Mapping[str, VectorRecord],
+        deletes: Iterable[str],
+        offset: int,
+        model_version: str | None = None,
+    ) -> list[OutboxEntry]:
+        """Apply one micro-batch atomically: state, outbox and offset in one WriteBatch.
+
+        Commit order:
+
+        1. Check the store is open, ``offset`` advances past :meth:`applied_offset`
+           (else :class:`StaleOffsetError`), and no user is both updated and deleted.
+        2. Stage into one ``WriteBatch``: every history, then every vector record.
+        3. Stage each deleted user: delete its history and its vector.
+        4. Stage outbox entries keyed ``(offset, user id)``: one per vector record and one
+           tombstone per deleted user.
+        5. Stage meta: the applied offset, and the model version when given.
+           An encoding error in steps 2-5 discards the batch; nothing was written.
+        6. Write the batch in one call. RocksDB logs it as one WAL record, so after any crash
+           it is wholly present or wholly absent; with ``sync_writes`` the WAL is fsynced first.
+        7. Only then advance the in-memory applied offset and return the outbox entries.
+
+        The caller then publishes the entries, flushes the producer and calls
+        :meth:`ack_outbox` with their keys. A crash after step 6 leaves them in the outbox
+        (republished from :meth:`iter_outbox` at startup); a crash before it leaves the events
+        unapplied, and Kafka redelivers them.
+
+        Parameters
+        ----------
+        histories : mapping of user id to UserHistory
+        vectors : mapping of user id to VectorRecord
+        deletes : iterable of user id
+        offset : int
+            Offset of the last event of the batch, > :meth:`applied_offset`.
+        model_version : str, optional
+            Model version the vectors were computed against, recorded in meta.
+
+        Returns
+        -------
+        list of OutboxEntry
+            The entries written, to publish and then acknowledge.
+        """
+        db = self._live()
+        try:
+            offset = operator.index(offset)
+        except TypeError:
+            raise StaleOffsetError(f"{self.name}: batch offset must be an int, got {offset!r}") from None
+        if offset <= self._applied:
+            raise StaleOffsetError(f"{self.name}: batch offset must be > applied offset {self._applied}, got {offset}")
+        deletes = list(dict.fromkeys(deletes))
+        both = set(deletes) & (set(histories) | set(vectors))
+        if both:
+            raise StateStoreError(f"{self.name}: users must not be both updated and deleted in one batch, got {sorted(both)[:5]}")
+
+        batch = WriteBatch(raw_mode=True)
+        h = db.handle
+        for user_id, history in histories.items():
+            batch.put(codec.encode_user_id(user_id), codec.encode_history(history), h[HISTORIES])
+        for user_id, record in vectors.items():
+            batch.put(codec.encode_user_id(user_id), codec.encode_vector_record(record), h[VECTORS])
+        for user_id in deletes:
+            batch.delete(codec.encode_user_id(user_id), h[HISTORIES])
+            batch.delete(codec.encode_user_id(user_id), h[VECTORS])
+        entries = [OutboxEntry(codec.encode_outbox_key(offset, u), offset, u, r) for u, r in vectors.items()]
+        entries += [OutboxEntry(codec.encode_outbox_key(offset, u), offset, u, None) for u in deletes]
+        for entry in entries:
+            batch.put(entry.key, codec.encode_outbox_value(entry.user_id, entry.record), h[OUTBOX])
+        batch.put(_OFFSET_KEY, codec.encode_offset(offset), h[META])
+        if model_version is not None:
+            batch.put(_MODEL_KEY, codec.encode_text(model_version), h[META])
+
+        try:
+            db.rdict.write(batch, self._write_opts)
+        except Exception as exc:
+            raise StateStoreError(f"{self.name}: writing batch at offset {offset} failed: {exc}") from exc
+        self._applied = offset
+        return entries
+
+    def ack_outbox(self, keys: Iterable[bytes]) -> None:
+        """Delete published outbox entries in one small batch (never fsynced: losing an ack only republishes)."""
+        db = self._live()
+        batch = WriteBatch(raw_mode=True)
+        for key in keys:
+            batch.delete(bytes(key), db.handle[OUTBOX])
+        if batch.len():
+            try:
+                db.rdict.write(batch, WriteOptions())
+            except Exception as exc:
+                raise StateStoreError(f"{self.name}: deleting {batch.len()} outbox entries failed: {exc}") from exc
+
+    def flush(self) -> None:
+        """Flush memtables of every column family to table files."""
+        db = self._live()
+        for view in db.cf.values():
+            view.flush(True)
+
+    def checkpoint(self, dest_state_dir: str | os.PathLike) -> Path:
+        """A consistent copy of this partition as ``dest_state_dir/<topic>-<partition>``.
+
+        Uses RocksDB checkpoints: memtables are flushed, table files hard-linked when on the
+        same filesystem. The result is itself a state dir that :class:`StoreReader` or
+        :meth:`open` can read; its meta holds the applied offset it reflects.
+        """
+        db = self._live()
+        target = Path(dest_state_dir) / self.name
+        if target.exists():
+            raise StateStoreError(f"checkpoint target must not exist, got existing {target}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = Checkpoint(db.rdict)  # holds the database open until dropped
+        try:
+            checkpoint.create_checkpoint(str(target))
+        except Exception as exc:
+            raise StateStoreError(f"{self.name}: checkpoint to {target} failed: {exc}") from exc
+        finally:
+            del checkpoint
+        return target
+
+    # ------------------------------------------------------------------ sizes, for metrics
+
+    def estimated_keys(self) -> dict[str, int]:
+        """RocksDB's ``rocksdb.estimate-num-keys`` per column family (approximate)."""
+        return _cf_property(self._live(), "rocksdb.estimate-num-keys")
+
+    def sst_bytes(self) -> dict[str, int]:
+        """``rocksdb.total-sst-files-size`` per column family (excludes memtables and WAL)."""
+        return _cf_property(self._live(), "rocksdb.total-sst-files-size")
+
+    def disk_bytes(self) -> int:
+        """Bytes of every file in the partition directory (tables, WAL, manifest, logs)."""
+        total = 0
+        for entry in os.scandir(self.path):
+            try:
+                total += entry.stat().st_size if entry.is_file() else 0
+            except FileNotFoundError:  # deleted by a compaction while we looked
+                pass
+        return total

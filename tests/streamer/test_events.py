@@ -1,0 +1,115 @@
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer.config import ProcessingConfig
+from streamer.events import REASONS, EventDecoder, Forget, Interaction, Rejected, event_id_hash
+
+
+@pytest.fixture
+def decoder():
+    return EventDecoder(ProcessingConfig(max_id_bytes=32))
+
+
+def enc(doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def test_full_event(decoder):
+    out = decoder.decode(b"u1", enc({"user": "u1", "item": "i9", "ts": 10.5, "weight": 2,
+                                      "event": "click", "event_id": "e1"}), offset=7)
+    assert out == Interaction("u1", "i9", 2.0, 10.5, event_id_hash("e1"), 7)
+
+
+def test_defaults_use_event_weight_then_default_weight_and_broker_time(decoder):
+    out = decoder.decode(b"u", enc({"user": "u", "item": "i", "event": "purchase"}), 3,
+                         broker_ts_ms=1500)
+    assert (out.weight, out.ts, out.event_id_hash) == (10.0, 1.5, 0)
+    out = decoder.decode(b"u", enc({"user": "u", "item": "i"}), 3)
+    assert out.weight == 1.0 and math.isnan(out.ts)
+
+
+def test_iso_timestamps(decoder):
+    out = decoder.decode(b"u", enc({"user": "u", "item": "i", "ts": "1970-01-01T00:01:00Z"}), 0)
+    assert out.ts == 60.0
+    out = decoder.decode(b"u", enc({"user": "u", "item": "i", "ts": "1970-01-01T01:00:00+01:00"}), 0)
+    assert out.ts == 0.0
+
+
+def test_unicode_ids_round_trip(decoder):
+    user = "ü, \"quoted\"\n"
+    out = decoder.decode(user.encode(), enc({"user": user, "item": "映画"}), 0)
+    assert (out.user, out.item) == (user, "映画")
+
+
+def test_tombstone_is_forget(decoder):
+    assert decoder.decode(b"u1", None, 4) == Forget("u1", 4)
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        (None, enc({"user": "u", "item": "i"}), "missing_key"),
+        (None, None, "missing_key"),
+        (b"\xff", enc({"user": "u", "item": "i"}), "invalid_utf8"),
+        (b"u", b"\xff\xfe", "invalid_utf8"),
+        (b"u", b"{not json", "invalid_json"),
+        (b"u", b'{"user": "u", "item": "i", "weight": NaN}', "invalid_json"),
+        (b"u", b"[1, 2]", "not_an_object"),
+        (b"u", enc({"item": "i"}), "missing_field"),
+        (b"u", enc({"user": "u"}), "missing_field"),
+        (b"u", enc({"user": 5, "item": "i"}), "wrong_type"),
+        (b"u", enc({"user": "u", "item": "i", "weight": "2"}), "wrong_type"),
+        (b"u", enc({"user": "u", "item": "i", "weight": True}), "wrong_type"),
+        (b"u", enc({"user": "u", "item": "i", "event": 3}), "wrong_type"),
+        (b"u", enc({"user": "u", "item": "i", "event_id": 3}), "wrong_type"),
+        (b"", enc({"user": "", "item": "i"}), "invalid_id"),
+        (b"u", enc({"user": "u", "item": "x" * 33}), "invalid_id"),
+        (b"v", enc({"user": "u", "item": "i"}), "key_mismatch"),
+        (b"u", enc({"user": "u", "item": "i", "weight": -1}), "invalid_weight"),
+        (b"u", b'{"user": "u", "item": "i", "weight": 1e999}', "invalid_weight"),
+        (b"u", enc({"user": "u", "item": "i", "ts": "yesterday"}), "invalid_timestamp"),
+        (b"u", enc({"user": "u", "item": "i", "ts": [1]}), "invalid_timestamp"),
+        (b"u", enc({"user": "u", "item": "i", "event": "teleport"}), "unknown_event"),
+    ],
+)
+def test_rejections_name_their_reason(decoder, key, value, reason):
+    out = decoder.decode(key, value, offset=11)
+    assert isinstance(out, Rejected), out
+    assert out.reason == reason and out.offset == 11
+    assert out.detail
+
+
+def test_event_id_hash_is_stable_and_nonzero():
+    assert event_id_hash("a") == event_id_hash("a") != event_id_hash("b")
+    assert event_id_hash("") == 0 and event_id_hash(None) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.one_of(st.none(), st.binary(max_size=40)), value=st.one_of(st.none(), st.binary(max_size=200)))
+def test_arbitrary_bytes_never_raise(key, value):
+    out = EventDecoder(ProcessingConfig()).decode(key, value, offset=0)
+    assert isinstance(out, (Interaction, Forget, Rejected))
+    if isinstance(out, Rejected):
+        assert out.reason in REASONS
+
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                         st.text(max_size=10))
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(["user", "item", "ts", "weight", "event", "event_id", "x"]),
+                           json_scalars, max_size=7))
+def test_near_valid_json_is_applied_or_rejected_with_reason(doc):
+    decoder = EventDecoder(ProcessingConfig())
+    key = doc.get("user") if isinstance(doc.get("user"), str) else "k"
+    out = decoder.decode(key.encode("utf-8", "surrogatepass"), json.dumps(doc).encode(), offset=1)
+    if isinstance(out, Interaction):
+        assert out.user == doc["user"] and out.item == doc["item"]
+        assert math.isfinite(out.weight) and out.weight >= 0
+    else:
+        assert isinstance(out, Rejected) and out.reason in REASONS

@@ -1,0 +1,402 @@
+"""The RocksDB state store, on real databases under tmp_path."""
+
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rocksdict import Options, Rdict
+
+from streamer import codec
+from streamer.codec import UserHistory, VectorRecord
+from streamer.config import StoreConfig
+from streamer.errors import (
+    ConfigError,
+    StaleOffsetError,
+    StateStoreError,
+    StoreClosedError,
+    StoreFormatError,
+    StoreLockedError,
+    StoreNotFoundError,
+)
+from streamer.reader import StoreReader
+from streamer.store import COLUMN_FAMILIES, PartitionStore, partition_dir_name
+
+TOPIC = "interactions"
+
+
+def history(*items: str, t0: float = 100.0) -> UserHistory:
+    times = [t0 + i for i in range(len(items))]
+    return UserHistory.empty().append(list(items), [1.0] * len(items), times, max_events=100).history
+
+
+def record(seed: float, processed_at: float = 1.0) -> VectorRecord:
+    return VectorRecord(np.full(4, seed, np.float32), "v000001", 1, 100.0, processed_at)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def make_store(state_dir):
+    """Factory: ``make_store(partition=0, **open_kwargs)``; every store is closed at teardown."""
+    opened = []
+
+    def make(partition: int = 0, **kwargs) -> PartitionStore:
+        store = PartitionStore.open(state_dir, TOPIC, partition, **kwargs)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def raw_db(path: Path) -> Rdict:
+    """The partition database opened directly, to tamper with it."""
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.create_missing_column_families(True)
+    return Rdict(str(path), opts, column_families={n: Options(raw_mode=True) for n in COLUMN_FAMILIES})
+
+
+def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_commit_batch_writes_state_outbox_and_offset(make_store):
+    store = make_store()
+    assert store.applied_offset() == -1 and store.model_version() is None
+    entries = store.commit_batch({"u1": history("a", "b"), "u2": history("c")}, {"u1": record(1.0)}, [], 7, "v000001")
+
+    assert store.applied_offset() == 7 and store.model_version() == "v000001"
+    assert store.get_histories(["u1", "u2", "nobody"]) == {"u1": history("a", "b"), "u2": history("c")}
+    assert store.get_vectors(["u1", "u2"]) == {"u1": record(1.0)}
+    assert [(e.offset, e.user_id, e.record) for e in entries] == [(7, "u1", record(1.0))]
+    assert list(store.iter_outbox()) == entries
+    assert dict(store.iter_users()) == {"u1": history("a", "b"), "u2": history("c")}
+    assert dict(store.iter_vectors()) == {"u1": record(1.0)}
+
+
+def test_reopen_after_close_keeps_state(make_store, state_dir):
+    with PartitionStore.open(state_dir, TOPIC, 0) as store:
+        store.commit_batch({"ü-1": history("x")}, {"ü-1": record(2.0)}, [], 3, "v000002")
+    with pytest.raises(StoreClosedError):
+        store.applied_offset()
+
+    again = make_store(create=False)
+    assert again.applied_offset() == 3 and again.model_version() == "v000002"
+    assert again.get_histories(["ü-1"]) == {"ü-1": history("x")}
+    assert [e.user_id for e in again.iter_outbox()] == ["ü-1"]
+
+
+def test_offset_must_advance(make_store, state_dir):
+    store = make_store()
+    store.commit_batch({"u": history("a")}, {}, [], 5)
+    for stale in (5, 4, -1):
+        with pytest.raises(StaleOffsetError, match=f"must be > applied offset 5, got {stale}"):
+            store.commit_batch({"u": history("zzz")}, {}, [], stale)
+    assert store.get_histories(["u"]) == {"u": history("a")}
+    store.close()
+
+    reopened = make_store()
+    with pytest.raises(StaleOffsetError):
+        reopened.commit_batch({}, {}, [], 5)
+    reopened.commit_batch({}, {}, [], 6)  # a batch whose events were all skipped still advances
+    assert reopened.applied_offset() == 6
+
+
+def test_delete_writes_tombstones(make_store):
+    store = make_store()
+    store.commit_batch({"u1": history("a"), "u2": history("b")}, {"u1": record(1.0), "u2": record(2.0)}, [], 1)
+    entries = store.commit_batch({}, {}, ["u1", "ghost"], 2)
+
+    assert store.get_histories(["u1", "u2"]).keys() == {"u2"}
+    assert store.get_vectors(["u1", "u2"]).keys() == {"u2"}
+    assert [(e.offset, e.user_id, e.record) for e in entries] == [(2, "u1", None), (2, "ghost", None)]
+    assert [(e.offset, e.user_id) for e in store.iter_outbox()] == [(1, "u1"), (1, "u2"), (2, "ghost"), (2, "u1")]
+    with pytest.raises(StateStoreError, match=r"both updated and deleted.*\['u2'\]"):
+        store.commit_batch({"u2": history("c")}, {}, ["u2"], 3)
+    assert store.applied_offset() == 2
+
+
+def test_ack_outbox_deletes_only_acknowledged_entries(make_store):
+    store = make_store()
+    first = store.commit_batch({}, {"a": record(1.0), "b": record(2.0)}, [], 10)
+    second = store.commit_batch({}, {"a": record(3.0)}, [], 11)
+    store.ack_outbox([])
+    store.ack_outbox(e.key for e in first)
+    assert list(store.iter_outbox()) == second
+    store.close()
+    assert list(make_store().iter_outbox()) == second
+
+
+def test_failed_batch_leaves_nothing_behind(make_store, monkeypatch):
+    store = make_store()
+    store.commit_batch({"u0": history("a")}, {}, [], 1)
+
+    def broken(record):
+        raise RuntimeError("disk full while encoding")
+
+    # Histories are staged before vectors, so this fails halfway through building the batch.
+    monkeypatch.setattr(codec, "encode_vector_record", broken)
+    with pytest.raises(RuntimeError):
+        store.commit_batch({"u0": history("b"), "u1": history("c")}, {"u1": record(1.0)}, [], 2)
+    monkeypatch.undo()
+
+    def visible(s):
+        return s.applied_offset(), s.get_histories(["u0", "u1"]), list(s.iter_outbox())
+
+    assert visible(store) == (1, {"u0": history("a")}, [])
+    store.close()
+    assert visible(make_store()) == (1, {"u0": history("a")}, [])
+
+
+WRITE_THEN_KILL = """
+    import os, signal, sys, numpy as np
+    from streamer.config import StoreConfig
+    from streamer.store import PartitionStore
+    from streamer.codec import UserHistory, VectorRecord
+    state_dir, sync = sys.argv[1], sys.argv[2] == "sync"
+    store = PartitionStore.open(state_dir, "interactions", 0, config=StoreConfig(sync_writes=sync))
+    wal = lambda: max((f for f in os.listdir(store.path) if f.endswith(".log")), key=lambda f: os.path.getsize(os.path.join(store.path, f)))
+    rec = VectorRecord(np.ones(8), "v000001", 1, 1.0, 2.0)
+    hist = UserHistory.empty().append(["i"], [1.0], [1.0], max_events=10).history
+    store.commit_batch({"a": hist}, {"a": rec}, [], 1)
+    size_1 = os.path.getsize(os.path.join(store.path, wal()))
+    store.commit_batch({f"b{i}": hist for i in range(50)}, {f"b{i}": rec for i in range(50)}, [], 2)
+    print(wal(), size_1, os.path.getsize(os.path.join(store.path, wal())), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("sync", ["sync", "nosync"])
+def test_batch_survives_kill_9_after_commit_returns(make_store, state_dir, sync):
+    child = run_child(WRITE_THEN_KILL, str(state_dir), sync)
+    assert child.returncode == -9, child.stderr
+    store = make_store()
+    assert store.applied_offset() == 2
+    assert len(store.get_vectors([f"b{i}" for i in range(50)])) == 50
+    assert len(store.get_histories(["a"])) == 1
+    assert len(list(store.iter_outbox())) == 51
+
+
+def test_torn_wal_record_drops_the_whole_batch(make_store, state_dir):
+    # A crash in the middle of writing batch 2 leaves a torn tail on the WAL; recovery
+    # must drop all of batch 2 and keep all of batch 1.
+    child = run_child(WRITE_THEN_KILL, str(state_dir), "nosync")
+    assert child.returncode == -9, child.stderr
+    wal, size_1, size_2 = child.stdout.split()
+    with open(state_dir / partition_dir_name(TOPIC, 0) / wal, "r+b") as fh:
+        fh.truncate((int(size_1) + int(size_2)) // 2)
+    store = make_store()
+    assert store.applied_offset() == 1
+    assert store.get_vectors(["a", "b0", "b49"]).keys() == {"a"}
+    assert store.get_histories(["a", "b0", "b49"]).keys() == {"a"}
+    assert [e.user_id for e in store.iter_outbox()] == ["a"]
+
+
+# ---------------------------------------------------------------- opening
+
+
+def _hold_store(state_dir: str, ready, release) -> None:
+    store = PartitionStore.open(state_dir, TOPIC, 0)
+    ready.set()
+    release.wait(30)
+    store.close()
+
+
+def test_lock_contention_between_processes(state_dir):
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_store, args=(str(state_dir), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30), "holder process did not open the store"
+        started = time.monotonic()
+        with pytest.raises(StoreLockedError, match=r"LOCK still held.*lock_timeout_s=0.3"):
+            PartitionStore.open(state_dir, TOPIC, 0, lock_timeout_s=0.3)
+        assert time.monotonic() - started >= 0.3
+
+        threading.Timer(0.5, release.set).start()
+        started = time.monotonic()
+        with PartitionStore.open(state_dir, TOPIC, 0, lock_timeout_s=30) as store:
+            assert time.monotonic() - started >= 0.4
+            assert store.applied_offset() == -1
+    finally:
+        release.set()
+        holder.join(30)
+    assert holder.exitcode == 0
+
+
+def test_second_open_in_same_process_is_locked(make_store):
+    make_store()
+    with pytest.raises(StoreLockedError):
+        make_store(lock_timeout_s=0)
+
+
+def test_close_releases_lock_even_with_unfinished_iterators(make_store):
+    store = make_store()
+    store.commit_batch({"a": history("x"), "b": history("y")}, {"a": record(1.0)}, [], 1)
+    users, outbox = store.iter_users(), store.iter_outbox()
+    next(users)
+    next(outbox)
+    store.close()
+    with pytest.raises(StoreClosedError):
+        store.iter_users()
+    assert make_store(lock_timeout_s=0).applied_offset() == 1
+
+
+def test_open_missing_without_create(state_dir):
+    with pytest.raises(StoreNotFoundError, match="create=False"):
+        PartitionStore.open(state_dir, TOPIC, 9, create=False)
+    assert not (state_dir / "interactions-9").exists()
+
+
+def test_bad_names_and_settings():
+    with pytest.raises(ConfigError, match=r"topic must match .*got 'a/b'"):
+        partition_dir_name("a/b", 0)
+    with pytest.raises(ConfigError, match="partition must be an int >= 0, got -1"):
+        partition_dir_name("t", -1)
+    with pytest.raises(ConfigError, match="lock_timeout_s must be >= 0, got -1"):
+        PartitionStore.open("unused", TOPIC, 0, lock_timeout_s=-1)
+
+
+def test_format_version_mismatch(make_store, state_dir):
+    make_store().close()
+    db = raw_db(state_dir / "interactions-0")
+    db.get_column_family("meta")[b"format_version"] = (99).to_bytes(4, "little")
+    db.close()
+    with pytest.raises(StoreFormatError, match="format version must be 1, got 99"):
+        make_store()
+    with pytest.raises(StoreFormatError, match="format version must be 1, got 99"):
+        StoreReader(state_dir)
+
+
+def test_data_without_format_version_is_refused(state_dir):
+    db = raw_db(state_dir / "interactions-0")
+    db.get_column_family("vectors")[b"u"] = b"old"
+    db.close()
+    with pytest.raises(StoreFormatError, match="holds data but no store format version"):
+        PartitionStore.open(state_dir, TOPIC, 0)
+
+
+def test_corrupt_value_raises_format_error(make_store, state_dir):
+    make_store().close()
+    db = raw_db(state_dir / "interactions-0")
+    db.get_column_family("histories")[b"u"] = b"\x11\x05\x00"
+    db.close()
+    store = make_store()
+    with pytest.raises(StoreFormatError, match="user history: truncated"):
+        store.get_histories(["u"])
+
+
+def test_sizes_for_metrics(make_store):
+    store = make_store()
+    store.commit_batch({f"u{i}": history("a") for i in range(20)}, {f"u{i}": record(1.0) for i in range(20)}, [], 1)
+    assert store.estimated_keys()["histories"] >= 20
+    store.flush()
+    assert store.sst_bytes()["vectors"] > 0
+    assert store.disk_bytes() >= sum(store.sst_bytes().values())
+
+
+# ---------------------------------------------------------------- readers and checkpoints
+
+
+def test_secondary_reader_follows_an_open_primary(make_store, state_dir):
+    primary = make_store()
+    primary.commit_batch({"u1": history("a")}, {"u1": record(1.0)}, [], 1)
+    with StoreReader(state_dir) as reader:
+        assert reader.partitions() == ["interactions-0"]
+        assert reader.get_vector("u1") == record(1.0)
+
+        primary.commit_batch({}, {"u1": record(2.0), "u2": record(3.0)}, [], 2)
+        assert reader.get_vector("u1") == record(1.0)  # frozen until catch-up
+        reader.catch_up()
+        assert reader.get_vectors(["u1", "u2", "nobody"]) == {"u1": record(2.0), "u2": record(3.0)}
+
+        # The primary flushes a newer value to a table file between catch-ups: a plain
+        # secondary would keep serving record(2.0) from its memtable.
+        primary.commit_batch({}, {"u1": record(4.0)}, [], 3)
+        primary.flush()
+        reader.catch_up()
+        assert reader.get_vector("u1") == record(4.0)
+
+        primary.commit_batch({}, {}, ["u2"], 4)
+        other = make_store(partition=1)
+        other.commit_batch({}, {"w": record(5.0)}, [], 0)
+        reader.catch_up()
+        assert reader.get_vector("u2") is None
+        assert reader.partitions() == ["interactions-0", "interactions-1"]
+        assert reader.applied_offsets() == {"interactions-0": 4, "interactions-1": 0}
+        assert reader.get_vector("w") == record(5.0)
+    with pytest.raises(StoreClosedError):
+        reader.get_vector("u1")
+
+
+def test_reader_prefers_the_latest_record_after_repartitioning(make_store, state_dir):
+    make_store(partition=0).commit_batch({}, {"u": record(1.0, processed_at=10.0)}, [], 1)
+    make_store(partition=1).commit_batch({}, {"u": record(2.0, processed_at=20.0)}, [], 1)
+    with StoreReader(state_dir) as reader:
+        assert reader.get_vector("u") == record(2.0, processed_at=20.0)
+
+
+def test_reader_can_be_limited_to_one_topic(make_store, state_dir):
+    make_store().commit_batch({}, {"u": record(1.0)}, [], 1)
+    PartitionStore.open(state_dir, "other-topic", 0).close()
+    with StoreReader(state_dir) as everything, StoreReader(state_dir, topic=TOPIC) as one:
+        assert everything.partitions() == ["interactions-0", "other-topic-0"]
+        assert one.partitions() == ["interactions-0"]
+
+
+def test_reader_needs_an_existing_state_dir(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="existing directory"):
+        StoreReader(tmp_path / "nope")
+
+
+def test_checkpoint_of_primary_is_a_consistent_state_dir(make_store, tmp_path):
+    store = make_store()
+    store.commit_batch({"u1": history("a")}, {"u1": record(1.0)}, [], 1, "v000001")
+    target = store.checkpoint(tmp_path / "snap")
+    store.commit_batch({"u2": history("b")}, {"u1": record(9.0)}, [], 2)
+
+    assert target == tmp_path / "snap" / "interactions-0"
+    with PartitionStore.open(tmp_path / "snap", TOPIC, 0, create=False) as snap:
+        assert snap.applied_offset() == 1 and snap.model_version() == "v000001"
+        assert dict(snap.iter_vectors()) == {"u1": record(1.0)}
+        assert dict(snap.iter_users()) == {"u1": history("a")}
+    with pytest.raises(StateStoreError, match="must not exist"):
+        store.checkpoint(tmp_path / "snap")
+
+
+def test_reader_checkpoint_includes_unflushed_writes(make_store, state_dir, tmp_path):
+    # RocksDB's own checkpoint of a secondary leaves out what is only in the primary's WAL.
+    make_store(partition=0).commit_batch({"u1": history("a")}, {"u1": record(1.0)}, [], 5)
+    make_store(partition=2).commit_batch({}, {"w": record(2.0)}, [], 8)
+    with StoreReader(state_dir) as reader:
+        copies = reader.checkpoint(tmp_path / "snap")
+    assert sorted(copies) == ["interactions-0", "interactions-2"]
+    assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["interactions-0", "interactions-2"]
+    with StoreReader(tmp_path / "snap") as snap:
+        assert snap.applied_offsets() == {"interactions-0": 5, "interactions-2": 8}
+        assert snap.get_vectors(["u1", "w"]) == {"u1": record(1.0), "w": record(2.0)}
+    with PartitionStore.open(tmp_path / "snap", TOPIC, 0, create=False) as copy:
+        assert copy.get_histories(["u1"]) == {"u1": history("a")}
+        assert [e.user_id for e in copy.iter_outbox()] == ["u1"]
+
+
+def test_sync_writes_setting_is_used(make_store):
+    assert make_store(config=StoreConfig(sync_writes=True))._write_opts.sync is True
+    assert make_store(partition=1)._write_opts.sync is False
