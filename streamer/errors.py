@@ -59,3 +59,7 @@ class BrokerStartError(BrokerError):
 
 class TopicMismatchError(StreamerError):
     """An existing topic differs from its spec: delete it, or change the config to match."""
+
+
+class PublishError(StreamerError):
+    """Kafka did not acknowledge published vectors or dead letters: check the broker; the outbox keeps them and they are re-sent on restart."""
