@@ -1,0 +1,84 @@
+"""Per-row event lists -> aggregated CSR rows, the input of the fold-in kernels.
+
+The streaming consumer and the offline ``foldstream foldin`` both go through
+:func:`aggregate_rows`, so a user's vector depends only on that user's events and is the
+same whichever path computed it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from factors.errors import DataError
+
+
+def aggregate_rows(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    weights: np.ndarray,
+    times: np.ndarray | None = None,
+    half_life_seconds: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sum each row's weights per item, after optional time decay; drop unknown items.
+
+    Parameters
+    ----------
+    indptr : int array, shape (m + 1,)
+        Row ``r`` owns events ``indptr[r]:indptr[r+1]``.
+    indices : int array
+        Item index of each event; negative means the model does not know the item.
+    weights : float array
+        Raw event weights (>= 0).
+    times : float array, optional
+        Event times in seconds; needed with ``half_life_seconds``.
+    half_life_seconds : float, optional
+        Each event's weight is multiplied by ``0.5 ** ((t_last - t) / half_life)`` where
+        ``t_last`` is the newest event time of its row: a user's vector depends on that
+        user's events only. NaN times are not decayed.
+
+    Returns
+    -------
+    indptr : int64 array (m + 1,)
+    indices : int32 array, sorted within each row, unique
+    weights : float32 array, per-item sums (computed in float64)
+    unknown : int64 array (m,), events per row on unknown items
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)
+    m = len(indptr) - 1
+    if m < 0 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != len(indices):
+        raise DataError(f"indptr must start at 0, be non-decreasing and end at len(indices)="
+                        f"{len(indices)}, got {indptr[:3]}...{indptr[-1:]}")
+    if len(w) != len(indices):
+        raise DataError(f"weights must have {len(indices)} entries, got {len(w)}")
+    rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(indptr))
+    if half_life_seconds is not None and len(w):
+        if times is None:
+            raise DataError("times are required with half_life_seconds")
+        t = np.asarray(times, dtype=np.float64)
+        if len(t) != len(indices):
+            raise DataError(f"times must have {len(indices)} entries, got {len(t)}")
+        finite = np.where(np.isfinite(t), t, -np.inf)
+        last = np.full(m, -np.inf)
+        np.maximum.at(last, rows, finite)
+        age = last[rows] - t
+        factor = np.where(np.isfinite(age), 0.5 ** (age / half_life_seconds), 1.0)
+        w = w * factor
+    known = indices >= 0
+    unknown = np.bincount(rows[~known], minlength=m).astype(np.int64)
+    rows, cols, w = rows[known], indices[known], w[known]
+    order = np.lexsort((cols, rows))
+    rows, cols, w = rows[order], cols[order], w[order]
+    if len(rows):
+        first = np.empty(len(rows), dtype=bool)
+        first[0] = True
+        first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+        starts = np.flatnonzero(first)
+        sums = np.add.reduceat(w, starts)
+        rows, cols = rows[starts], cols[starts]
+    else:
+        sums = w
+    out_indptr = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=m), out=out_indptr[1:])
+    return out_indptr, cols.astype(np.int32), sums.astype(np.float32), unknown

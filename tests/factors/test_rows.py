@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from factors.errors import DataError
+from factors.rows import aggregate_rows
+
+
+def test_sums_duplicates_sorts_and_counts_unknown():
+    indptr = [0, 4, 4, 6]
+    indices = [5, 2, 5, -1, 7, -1]
+    weights = [1.0, 2.0, 3.0, 9.0, 0.5, 1.0]
+    p, i, w, unknown = aggregate_rows(indptr, indices, weights)
+    assert p.tolist() == [0, 2, 2, 3]
+    assert i.tolist() == [2, 5, 7]
+    assert w.tolist() == [2.0, 4.0, 0.5]
+    assert unknown.tolist() == [1, 0, 1]
+    assert (p.dtype, i.dtype, w.dtype) == (np.int64, np.int32, np.float32)
+
+
+def test_decay_is_relative_to_each_rows_newest_event():
+    # row 0: events at t=0 and t=10 with half-life 10 -> the first counts half.
+    # row 1: a single old event keeps its full weight (it is the row's newest).
+    p, i, w, _ = aggregate_rows([0, 2, 3], [1, 1, 4], [2.0, 2.0, 3.0], times=[0.0, 10.0, -50.0],
+                                half_life_seconds=10.0)
+    assert i.tolist() == [1, 4]
+    np.testing.assert_allclose(w, [1.0 + 2.0, 3.0])
+
+
+def test_nan_times_are_not_decayed():
+    _, _, w, _ = aggregate_rows([0, 2], [0, 1], [1.0, 1.0], times=[np.nan, 5.0], half_life_seconds=1.0)
+    assert w.tolist() == [1.0, 1.0]
+
+
+def test_empty_and_validation():
+    p, i, w, u = aggregate_rows([0], [], [])
+    assert p.tolist() == [0] and len(i) == len(w) == len(u) == 0
+    with pytest.raises(DataError, match="indptr"):
+        aggregate_rows([0, 3], [1], [1.0])
+    with pytest.raises(DataError, match="times are required"):
+        aggregate_rows([0, 1], [1], [1.0], half_life_seconds=5.0)
