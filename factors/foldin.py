@@ -22,6 +22,9 @@ __all__ = ["SCALINGS", "FoldIn", "confidence", "validate_confidence_params"]
 
 #: Names accepted for the scaling ``f`` in ``s = alpha * f(r)``.
 SCALINGS = ("identity", "log")
+# Batches of at most this many rows are solved on the calling thread (see
+# kernels.solve_rows_exact_serial); larger ones use the thread pool.
+SERIAL_MAX_ROWS = 16
 
 
 def validate_confidence_params(regularization, alpha, scaling, epsilon) -> None:
@@ -207,10 +210,9 @@ class FoldIn:
         m = indptr.shape[0] - 1
         out = np.empty((m, self.factors), dtype=np.float32)
         unknown = np.empty(m, dtype=np.int64)
-        kernels.solve_rows_exact(
-            indptr, indices, conf, self.Y, self.G, self.Z, self.Linv, out, unknown,
-            self.woodbury_max,
-        )
+        kernel = kernels.solve_rows_exact_serial if m <= SERIAL_MAX_ROWS else kernels.solve_rows_exact
+        kernel(indptr, indices, conf, self.Y, self.G, self.Z, self.Linv, out, unknown,
+               self.woodbury_max)
         return out, unknown
 
     def solve_one(self, items, weights) -> tuple[np.ndarray, int]:

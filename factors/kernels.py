@@ -503,33 +503,60 @@ def solve_rows_exact(indptr, indices, conf, Y, G, Z, Linv, out, unknown, woodbur
     """
     m = out.shape[0]
     k = Y.shape[1]
-    longest = 0
-    for u in range(m):
-        longest = max(longest, indptr[u + 1] - indptr[u])
-    wmax = min(max(woodbury_max, 0), longest)  # scratch sized by the longest Woodbury row
+    wmax = _woodbury_scratch(indptr, m, woodbury_max)
     bounds, order = _row_blocks(indptr, k // 4 + 1, _N_BLOCKS)
     for i_blk in prange(order.shape[0]):
         blk = order[i_blk]
-        A = np.empty((k, k))
-        b = np.empty(k)
-        x = np.empty(k)
-        Yb = np.empty((8, k))
-        tb = np.empty(8)
-        V = np.empty((wmax, k))
-        M = np.empty((wmax, wmax))
-        sv = np.empty(wmax)
-        rhs = np.empty(wmax)
-        w = np.empty(wmax)
-        for u in range(bounds[blk], bounds[blk + 1]):
-            lo = indptr[u]
-            hi = indptr[u + 1]
-            if hi - lo <= wmax:
-                unk = _solve_row_woodbury(lo, hi, indices, conf, Z, Linv, V, sv, M, b, rhs, w, x, k)
-            else:
-                unk = _solve_row_cholesky(lo, hi, indices, conf, Y, G, A, b, x, Yb, tb, k)
-            unknown[u] = unk
-            for a in range(k):
-                out[u, a] = np.float32(x[a])
+        _solve_row_range(bounds[blk], bounds[blk + 1], indptr, indices, conf, Y, G, Z, Linv,
+                         out, unknown, wmax)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def solve_rows_exact_serial(indptr, indices, conf, Y, G, Z, Linv, out, unknown, woodbury_max):
+    """:func:`solve_rows_exact` on the calling thread alone.
+
+    For small batches (one user per event in prequential replay, a few users per
+    micro-batch): waking a thread pool costs more than the solves, and on a busy machine
+    numba's and BLAS's spinning pools starve each other.
+    """
+    m = out.shape[0]
+    wmax = _woodbury_scratch(indptr, m, woodbury_max)
+    _solve_row_range(0, m, indptr, indices, conf, Y, G, Z, Linv, out, unknown, wmax)
+
+
+@njit(cache=True)
+def _woodbury_scratch(indptr, m, woodbury_max):
+    """Rows of Woodbury scratch needed: sized by the longest row that takes that path."""
+    longest = 0
+    for u in range(m):
+        longest = max(longest, indptr[u + 1] - indptr[u])
+    return min(max(woodbury_max, 0), longest)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _solve_row_range(first, last, indptr, indices, conf, Y, G, Z, Linv, out, unknown, wmax):
+    """Solve rows ``first:last`` with one set of scratch buffers (one thread's share)."""
+    k = Y.shape[1]
+    A = np.empty((k, k))
+    b = np.empty(k)
+    x = np.empty(k)
+    Yb = np.empty((8, k))
+    tb = np.empty(8)
+    V = np.empty((wmax, k))
+    M = np.empty((wmax, wmax))
+    sv = np.empty(wmax)
+    rhs = np.empty(wmax)
+    w = np.empty(wmax)
+    for u in range(first, last):
+        lo = indptr[u]
+        hi = indptr[u + 1]
+        if hi - lo <= wmax:
+            unk = _solve_row_woodbury(lo, hi, indices, conf, Z, Linv, V, sv, M, b, rhs, w, x, k)
+        else:
+            unk = _solve_row_cholesky(lo, hi, indices, conf, Y, G, A, b, x, Yb, tb, k)
+        unknown[u] = unk
+        for a in range(k):
+            out[u, a] = np.float32(x[a])
 
 
 @njit(cache=True)
