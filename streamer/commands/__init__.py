@@ -1,0 +1,1 @@
+"""Sub-commands of the ``foldstream`` CLI, one module per concern."""

@@ -1,0 +1,123 @@
+"""Streaming commands: ``broker``, ``produce``, ``run``, ``vectors get``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from factors.data import read_interactions
+from streamer.broker import serve_forever
+from streamer.config import AppConfig, load_config
+from streamer.kafka_io import make_producer
+from streamer.progress import ProgressLine
+from streamer.publisher import vector_message
+from streamer.reader import StoreReader
+from streamer.replay import event_messages, log_fingerprint, produce
+from streamer.service import FoldService
+from streamer.topics import ensure_topics
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (development)",
+                       description="Run a local Tansu broker (in-memory storage) until Ctrl-C.")
+    p.add_argument("--port", type=int, default=9092, help="listen port (default 9092; 0 = any)")
+    p.add_argument("--log-dir", type=Path, default=Path("broker-logs"))
+    p.set_defaults(run=cmd_broker)
+
+    p = sub.add_parser("produce", help="replay a CSV of interactions into the input topic",
+                       description="Send every event of a CSV, in time order, keyed by user.")
+    add_config_option(p)
+    p.add_argument("--interactions", required=True, type=Path)
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: max)")
+    p.add_argument("--no-event-ids", action="store_true",
+                   help="send events without event_id (re-sending then applies them again)")
+    p.set_defaults(run=cmd_produce)
+
+    p = sub.add_parser("run", help="run the consumer service",
+                       description="Consume interactions, fold them into user vectors, store "
+                       "and publish them, until SIGTERM/SIGINT.")
+    add_config_option(p)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(run=cmd_run)
+
+    p = sub.add_parser("vectors", help="read stored user vectors",
+                       description="Read vectors from the state store (safe while the consumer runs).")
+    vsub = p.add_subparsers(dest="vectors_command", metavar="ACTION", required=True)
+    g = vsub.add_parser("get", help="print one user's vector as JSON (the published format)")
+    add_config_option(g)
+    g.add_argument("user")
+    g.add_argument("--state-dir", type=Path, default=None, help="overrides store.state_dir")
+    g.set_defaults(run=cmd_vectors_get)
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML config file; FOLDSTREAM_SECTION__KEY variables override it")
+
+
+def config_from_args(args: argparse.Namespace) -> AppConfig:
+    return load_config(args.config, env=os.environ)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    def ready(broker) -> None:
+        print(f"broker ready on {broker.bootstrap} (in-memory; Ctrl-C stops it)", flush=True)
+    serve_forever(args.port or None, args.log_dir, on_ready=ready)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    inter, report = read_interactions(args.interactions)
+    ensure_topics(config.kafka)
+    producer = make_producer(config.kafka.bootstrap_servers)
+    bar = ProgressLine("produce", total=len(inter))
+    prefix = None if args.no_event_ids else log_fingerprint(inter)
+    try:
+        sent = produce(producer, config.kafka.input_topic, event_messages(inter, prefix),
+                       rate=args.rate, on_progress=bar.update)
+    finally:
+        bar.close()
+        producer.close()
+    print(f"sent {sent} events to {config.kafka.input_topic} on {config.kafka.bootstrap_servers}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ensure_topics(config.kafka)
+    bar = ProgressLine("run", stream=sys.stderr)
+
+    def on_batch(service: FoldService, outcomes) -> None:
+        if not args.quiet:
+            s = service.stats
+            bar.update(s.applied, f"applied; published={s.published} "
+                       f"dead-lettered={s.dead_lettered} partitions={len(service.stores)}")
+
+    service = FoldService(config, on_batch=on_batch)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: service.stop())
+    stats = service.run()
+    bar.close()
+    print(f"stopped: applied {stats.applied}, published {stats.published}, "
+          f"dead-lettered {stats.dead_lettered}")
+    return 0
+
+
+def cmd_vectors_get(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    state_dir = args.state_dir or config.store.state_dir
+    with StoreReader(state_dir, topic=config.kafka.input_topic) as reader:
+        record = reader.get_vector(args.user)
+    if record is None:
+        print(f"foldstream vectors get: no vector for user {args.user!r} in {state_dir}",
+              file=sys.stderr)
+        return 1
+    print(vector_message(args.user, record).decode("utf-8"))
+    return 0

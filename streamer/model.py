@@ -1,0 +1,48 @@
+"""The model as the consumer uses it: a version, an item-id lookup, and a fold-in solver."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from factors.foldin import FoldIn
+from factors.pipeline import TrainParams, fold_in_rows
+from streamer.codec import UserHistory
+from streamer.registry import ActiveModel
+
+
+class LoadedModel:
+    """Item factors of one model version, ready to fold histories in against."""
+
+    def __init__(self, active: ActiveModel) -> None:
+        artifact = active.artifact
+        self.version = active.version
+        self.params = TrainParams(**{k: v for k, v in artifact.params.items()
+                                     if k in TrainParams.__dataclass_fields__})
+        self.item_index = {item: i for i, item in enumerate(artifact.item_ids)}
+        self.item_factors = artifact.item_factors
+        self.solver = FoldIn(artifact.item_factors, self.params.regularization, self.params.alpha,
+                             scaling=self.params.scaling, epsilon=self.params.epsilon)
+
+    @property
+    def factors(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    def fold(self, histories: Iterable[UserHistory]) -> tuple[np.ndarray, np.ndarray]:
+        """Exact vectors for many histories in one solve; also the unknown-item event counts."""
+        histories = list(histories)
+        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        indptr = np.zeros(len(histories) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        get = self.item_index.get
+        indices = np.fromiter((get(item, -1) for h in histories for item in h.item_ids),
+                              dtype=np.int32, count=int(indptr[-1]))
+        if histories:
+            weights = np.concatenate([h.weights for h in histories])
+            times = np.concatenate([h.times for h in histories])
+        else:
+            weights = np.zeros(0, np.float32)
+            times = np.zeros(0, np.float64)
+        return fold_in_rows(self.solver, indptr, indices, weights, times,
+                            self.params.half_life_seconds)

@@ -1,0 +1,297 @@
+"""The consumer service: Kafka -> exact fold-in -> RocksDB -> published vectors.
+
+One loop on one thread. Each turn of :meth:`FoldService.run_once`:
+
+1. ``poll`` up to ``batch_max_records`` records or ``batch_max_ms``;
+2. apply assignment changes recorded by the rebalance listener (which only records them,
+   since kafka-python runs listeners on its network thread): close the stores of revoked
+   partitions; open the stores of assigned ones (retrying RocksDB's LOCK while the previous
+   owner closes it), re-send their pending outbox, and seek to ``applied offset + 1``;
+   records this poll returned for a just-assigned partition are dropped (they are fetched
+   again from the seek position);
+3. decode every partition's new records; send and flush dead letters;
+4. per partition, fold the batch in and write state + outbox + applied offset in ONE
+   RocksDB WriteBatch (:class:`streamer.processor.PartitionProcessor`);
+5. publish the outbox entries, flush, then delete them from the outbox;
+6. commit the consumed offsets to Kafka explicitly (advisory: for lag monitoring only,
+   the applied offset in RocksDB is what decides where processing resumes).
+
+A crash between any two steps loses nothing and applies nothing twice: before step 4's
+write Kafka redelivers the records; after it, the applied offset skips them and the
+outbox re-sends their vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata
+
+from streamer.config import AppConfig
+from streamer.kafka_io import make_consumer, make_producer
+from streamer.model import LoadedModel
+from streamer.processor import BatchOutcome, PartitionProcessor, RawRecord
+from streamer.publisher import Publisher
+from streamer.registry import ModelRegistry
+from streamer.store import PartitionStore
+
+log = logging.getLogger(__name__)
+
+
+class _AssignmentLog(ConsumerRebalanceListener):
+    """Records assignment changes for the main loop; does no work on the network thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._assigned: set[TopicPartition] = set()
+        self._revoked: set[TopicPartition] = set()
+        self.rebalances = 0
+
+    def on_partitions_revoked(self, revoked) -> None:
+        with self._lock:
+            self._revoked |= set(revoked)
+            self._assigned -= set(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        with self._lock:
+            self._assigned |= set(assigned)
+            self.rebalances += 1
+
+    def take(self) -> tuple[set[TopicPartition], set[TopicPartition]]:
+        """(newly assigned, revoked) since the last call."""
+        with self._lock:
+            assigned, revoked = self._assigned, self._revoked
+            self._assigned, self._revoked = set(), set()
+        return assigned, revoked - assigned
+
+
+@dataclass
+class ServiceStats:
+    """Running totals, for the CLI's progress line and the demo's summary."""
+
+    consumed: int = 0
+    applied: int = 0
+    skipped_replayed: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    forgotten: int = 0
+    unknown_item_events: int = 0
+    users_updated: int = 0
+    published: int = 0
+    batches: int = 0
+    rebalances: int = 0
+    latencies_ms: list[np.ndarray] = field(default_factory=list)
+
+    def latency_percentiles(self, *qs: float) -> list[float]:
+        if not self.latencies_ms:
+            return [float("nan")] * len(qs)
+        values = np.concatenate(self.latencies_ms)
+        return [float(np.percentile(values, q)) for q in qs]
+
+
+class FoldService:
+    """Runs the consumer loop until :meth:`stop` (or a signal handler calling it)."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        consumer_overrides: dict | None = None,
+        on_batch: Callable[["FoldService", list[BatchOutcome]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = ModelRegistry(config.model.registry_dir)
+        self.model = LoadedModel(self.registry.load())
+        self.processor = PartitionProcessor(config.processing)
+        self.stats = ServiceStats()
+        self.stores: dict[TopicPartition, PartitionStore] = {}
+        self.on_batch = on_batch
+        self._consumer_overrides = consumer_overrides or {}
+        self._stop = threading.Event()
+        self._assignments = _AssignmentLog()
+        self.consumer = None
+        self.publisher: Publisher | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch and exit (safe from signal handlers)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def start(self) -> None:
+        k = self.config.kafka
+        self.consumer = make_consumer(
+            k.bootstrap_servers, k.group_id,
+            client_id=k.client_id,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            request_timeout_ms=k.request_timeout_ms,
+            max_poll_records=self.config.processing.batch_max_records,
+            **self._consumer_overrides,
+        )
+        self.consumer.subscribe([k.input_topic], listener=self._assignments)
+        producer = make_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher")
+        self.publisher = Publisher(producer, k.output_topic, k.dead_letter_topic)
+
+    def run(self, max_seconds: float | None = None) -> ServiceStats:
+        """Start, loop until stopped (or ``max_seconds``), then close cleanly."""
+        self.start()
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        try:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                self.run_once()
+        finally:
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        """Commit what was applied, close the stores, then the clients."""
+        if self.consumer is not None:
+            self._commit(sync=True)
+        for tp in list(self.stores):
+            self._close_store(tp)
+        if self.publisher is not None:
+            try:
+                self.publisher.producer.close(timeout=5)
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.exception("closing the producer failed")
+            self.publisher = None
+        if self.consumer is not None:
+            try:
+                self.consumer.close(autocommit=False)
+            except Exception:  # noqa: BLE001
+                log.exception("closing the consumer failed")
+            self.consumer = None
+
+    # -- one turn of the loop --------------------------------------------------------
+    def run_once(self) -> list[BatchOutcome]:
+        p = self.config.processing
+        polled = self.consumer.poll(timeout_ms=p.batch_max_ms, max_records=p.batch_max_records)
+        fresh = self._apply_assignment_changes()
+        work: list[tuple[TopicPartition, PartitionStore, list, BatchOutcome]] = []
+        for tp, records in polled.items():
+            store = self.stores.get(tp)
+            if store is None or tp in fresh:
+                continue  # not ours (any more), or fetched before our seek
+            raw = [RawRecord(r.offset, r.key, r.value, r.timestamp,
+                             tuple(r.headers or ())) for r in records]
+            decoded, outcome = self.processor.decode(store, raw)
+            work.append((tp, store, decoded, outcome))
+
+        # Dead letters are acknowledged before the offsets past them are written.
+        rejected = 0
+        for tp, _, _, outcome in work:
+            rejected += self.publisher.send_dead_letters(tp.topic, tp.partition, outcome.rejected)
+        if rejected:
+            self.publisher.flush()
+
+        applied = [(store, self.processor.apply(store, decoded, outcome, self.model))
+                   for _, store, decoded, outcome in work]
+        outcomes = [outcome for _, outcome in applied]
+
+        self._publish(applied)
+        self._commit(sync=False)
+        self._account(outcomes)
+        if self.on_batch is not None:
+            self.on_batch(self, outcomes)
+        return outcomes
+
+    def _publish(self, applied: list[tuple[PartitionStore, BatchOutcome]]) -> None:
+        sent = sum(self.publisher.send_vectors(outcome.outbox) for _, outcome in applied)
+        if sent:
+            self.publisher.flush()
+            for store, outcome in applied:
+                if outcome.outbox:
+                    store.ack_outbox([entry.key for entry in outcome.outbox])
+            self.stats.published += sent
+        acked_at_ms = time.time() * 1000.0
+        for _, outcome in applied:
+            if outcome.record_times_ms:
+                self.stats.latencies_ms.append(
+                    acked_at_ms - np.asarray(outcome.record_times_ms, dtype=np.float64)
+                )
+
+    # -- assignment ------------------------------------------------------------------
+    def _apply_assignment_changes(self) -> set[TopicPartition]:
+        assigned, revoked = self._assignments.take()
+        for tp in revoked:
+            self._close_store(tp)
+        fresh = set()
+        for tp in sorted(assigned):
+            store = self.stores.get(tp)
+            if store is None:
+                store = PartitionStore.open(
+                    self.config.store.state_dir, tp.topic, tp.partition,
+                    lock_timeout_s=self.config.store.lock_timeout_s, config=self.config.store,
+                )
+                self.stores[tp] = store
+                self._resend_outbox(store)
+            applied = store.applied_offset()
+            if applied < 0:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, applied + 1)
+            fresh.add(tp)
+        if assigned or revoked:
+            self.stats.rebalances = self._assignments.rebalances
+            log.info("assignment: +%s -%s", sorted(assigned), sorted(revoked))
+        return fresh
+
+    def _resend_outbox(self, store: PartitionStore) -> None:
+        entries = list(store.iter_outbox())
+        if not entries:
+            return
+        self.publisher.send_vectors(entries)
+        self.publisher.flush()
+        store.ack_outbox([e.key for e in entries])
+        self.stats.published += len(entries)
+        log.info("re-sent %d pending vectors of %s", len(entries), store.name)
+
+    def _close_store(self, tp: TopicPartition) -> None:
+        store = self.stores.pop(tp, None)
+        if store is not None:
+            store.close()
+
+    # -- offsets ---------------------------------------------------------------------
+    def _commit(self, sync: bool) -> None:
+        offsets = {
+            tp: OffsetAndMetadata(store.applied_offset() + 1, "", -1)
+            for tp, store in self.stores.items()
+            if store.applied_offset() >= 0
+        }
+        if not offsets:
+            return
+        try:
+            if sync:
+                self.consumer.commit(offsets)
+            else:
+                self.consumer.commit_async(offsets)
+        except Exception as exc:  # noqa: BLE001 - advisory: the store decides where we resume
+            log.warning("committing offsets to Kafka failed (advisory only): %r", exc)
+
+    def _account(self, outcomes: list[BatchOutcome]) -> None:
+        s = self.stats
+        for o in outcomes:
+            s.consumed += o.consumed
+            s.applied += o.applied
+            s.skipped_replayed += o.skipped_replayed
+            s.duplicates += o.duplicates
+            s.dead_lettered += len(o.rejected)
+            s.forgotten += o.forgotten
+            s.unknown_item_events += o.unknown_item_events
+            s.users_updated += o.users_updated
+        if outcomes:
+            s.batches += 1
