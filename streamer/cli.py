@@ -11,13 +11,13 @@ import argparse
 import sys
 
 from factors.errors import FactorsError
-from streamer.commands import demo, offline, stream
+from streamer.commands import demo, model, offline, stream
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FactorsError, FileNotFoundError, IsADirectoryError)
 EXIT_USER_ERROR = 2
 
 # Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = [demo, offline, stream]
+COMMAND_MODULES = [demo, offline, stream, model]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,9 +59,31 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["demo"], ["run"], ["produce"],
-                                     ["broker"], ["vectors", "get"], ["synth"], ["foldin"]])
+                                     ["broker"], ["vectors", "get"], ["synth"], ["foldin"],
+                                     ["model", "list"], ["model", "promote"]])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "streamer.cli", *command, "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "usage: foldstream" in out.stdout
+
+
+def test_model_commands(tmp_path, capsys):
+    data, model = tmp_path / "e.csv", tmp_path / "m"
+    run_cli("synth", "--out", data, "--users", 50, "--items", 20, "--events", 500)
+    run_cli("train", "--interactions", data, "--out", model, "--factors", 4, "--iterations", 2)
+    reg = tmp_path / "models"
+    assert run_cli("model", "add", model, "--registry", reg, "--promote") == 0
+    assert run_cli("model", "add", model, "--registry", reg) == 0
+    assert run_cli("model", "promote", "v000002", "--registry", reg) == 0
+    capsys.readouterr()
+    assert run_cli("model", "list", "--registry", reg) == 0
+    listing = capsys.readouterr().out
+    assert "* v000002" in listing and "  v000001" in listing
+    assert run_cli("model", "rollback", "--registry", reg) == 0
+    capsys.readouterr()
+    assert run_cli("model", "show", "--registry", reg) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == "v000001" and shown["active"] and shown["k"] == 4
+    assert run_cli("model", "promote", "v000009", "--registry", reg) == 2
+    assert "v000009 not found" in capsys.readouterr().err
