@@ -1,7 +1,7 @@
 """The embedded Tansu broker and the kafka_io helpers, against a real broker.
 
-The last section pins Tansu 0.6.0 quirks as strict xfails: when an upgrade fixes one,
-its test starts passing, fails the run, and docs/tansu-notes.md needs updating.
+The last section pins Tansu 0.6.0 quirks by asserting the quirky behaviour: when an upgrade fixes one,
+its test fails, and docs/tansu-notes.md and the workarounds need updating.
 """
 
 from __future__ import annotations
@@ -403,26 +403,24 @@ def test_fetch_high_watermark_counts_records(make_topic, make_kafka_producer, ma
     assert consumer.highwater(tp) == 9  # the workaround for the end_offsets quirk below
 
 
-@pytest.mark.xfail(strict=True, reason="Tansu 0.6.0 ListOffsets(latest) = last batch's base offset + 1")
-def test_quirk_end_offsets_counts_records(make_topic, make_kafka_producer, make_kafka_consumer):
+def test_quirk_end_offsets_is_last_batch_base_plus_one(make_topic, make_kafka_producer, make_kafka_consumer):
     topic = make_topic()
     producer = make_kafka_producer(linger_ms=100)
     _batch_of(producer, topic, 5)
     _batch_of(producer, topic, 4)
     tp = TopicPartition(topic, 0)
-    assert make_kafka_consumer().end_offsets([tp]) == {tp: 9}  # Tansu says 6
+    assert make_kafka_consumer().end_offsets([tp]) == {tp: 6}  # Kafka says 9
 
 
-@pytest.mark.xfail(strict=True, reason="Tansu 0.6.0 drops the metadata string of an offset commit")
-def test_quirk_commit_keeps_metadata(make_topic, make_kafka_consumer, unique_name):
+def test_quirk_commit_drops_metadata(make_topic, make_kafka_consumer, unique_name):
     tp = TopicPartition(make_topic(), 0)
     consumer = make_kafka_consumer(unique_name("group"))
     consumer.commit({tp: OffsetAndMetadata(1, "model-v3", -1)})
-    assert consumer.committed(tp, metadata=True).metadata == "model-v3"  # Tansu returns None
+    committed = consumer.committed(tp, metadata=True)
+    assert committed.offset == 1 and not committed.metadata  # Kafka keeps "model-v3"
 
 
-@pytest.mark.xfail(strict=True, reason="Tansu 0.6.0 indexes time by broker receive time, not CreateTime")
-def test_quirk_offsets_for_times_uses_create_time(make_topic, make_kafka_producer, make_kafka_consumer):
+def test_quirk_offsets_for_times_ignores_create_time(make_topic, make_kafka_producer, make_kafka_consumer):
     topic = make_topic()
     producer = make_kafka_producer()
     base = 1_700_000_000_000
@@ -430,11 +428,10 @@ def test_quirk_offsets_for_times_uses_create_time(make_topic, make_kafka_produce
         producer.send(topic, value=b"%d" % i, timestamp_ms=base + 1000 * i)
     producer.flush(timeout=10)
     tp = TopicPartition(topic, 0)
-    assert make_kafka_consumer().offsets_for_times({tp: base + 1500})[tp].offset == 2  # Tansu says 0
+    assert make_kafka_consumer().offsets_for_times({tp: base + 1500})[tp].offset == 0  # Kafka says 2
 
 
-@pytest.mark.xfail(strict=True, reason="Tansu 0.6.0 accepts transactions but never hides aborted records")
-def test_quirk_read_committed_hides_aborted_records(make_topic, make_kafka_producer, make_kafka_consumer,
+def test_quirk_read_committed_shows_aborted_records(make_topic, make_kafka_producer, make_kafka_consumer,
                                                     unique_name):
     topic = make_topic()
     producer = make_kafka_producer(transactional_id=unique_name("txn"))
@@ -447,4 +444,5 @@ def test_quirk_read_committed_hides_aborted_records(make_topic, make_kafka_produ
     producer.send(topic, value=b"committed")
     producer.commit_transaction()
     consumer = make_kafka_consumer(isolation_level="read_committed")
-    assert [r.value for r in read_all(consumer, topic, 1, 1)] == [b"committed"]
+    # Kafka would return only b"committed".
+    assert [r.value for r in read_all(consumer, topic, 1, 2)] == [b"aborted", b"committed"]
