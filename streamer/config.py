@@ -115,12 +115,45 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """When to retrain (any trigger; 0 disables one) and how to judge the candidate."""
+
+    interval_s: float = 0.0
+    every_events: int = 0
+    max_psi: float = 0.0
+    max_js: float = 0.0
+    max_unknown_item_ratio: float = 0.0
+    check_interval_s: float = 10.0
+    min_events: int = 1_000
+    holdout_fraction: float = 0.1
+    tolerance: float = 0.02
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "max_psi", "max_js", "max_unknown_item_ratio"):
+            _require(getattr(self, name) >= 0, f"retrain.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.every_events >= 0, f"retrain.every_events must be >= 0, got {self.every_events}")
+        _require(self.check_interval_s > 0,
+                 f"retrain.check_interval_s must be > 0, got {self.check_interval_s}")
+        _require(0 < self.holdout_fraction < 1,
+                 f"retrain.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        _require(0 <= self.tolerance < 1, f"retrain.tolerance must be in [0, 1), got {self.tolerance}")
+        _require(self.k >= 1, f"retrain.k must be >= 1, got {self.k}")
+
+    @property
+    def automatic(self) -> bool:
+        return bool(self.interval_s or self.every_events or self.max_psi or self.max_js
+                    or self.max_unknown_item_ratio)
+
+
+@dataclass(frozen=True)
 class AppConfig:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     processing: ProcessingConfig = field(default_factory=ProcessingConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     def replace(self, **sections: Any) -> "AppConfig":
         """A copy with some sections' fields replaced: ``cfg.replace(kafka={"group_id": "g"})``."""

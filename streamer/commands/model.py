@@ -10,6 +10,7 @@ from pathlib import Path
 from factors.artifacts import load_model
 from streamer.commands.stream import add_config_option, config_from_args
 from streamer.registry import ModelRegistry
+from streamer.retrain import retrain_history, retrain_once
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = action("promote", "make VERSION the active model", cmd_promote)
     a.add_argument("version")
     action("rollback", "re-activate the previously active version", cmd_rollback)
+    action("history", "print the retrain history (one JSON object per attempt)", cmd_history)
+
+    r = sub.add_parser("retrain", help="retrain from the live store behind the quality gate",
+                       description="Train a candidate on every stored user history (read from a "
+                       "snapshot beside the running consumer), compare it with the active model "
+                       "on the most recent events, and promote it only if it is not worse.")
+    add_config_option(r)
+    r.add_argument("--now", action="store_true", required=True,
+                   help="run one retrain now, in this process")
+    r.set_defaults(run=cmd_retrain)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    record = retrain_once(config_from_args(args), trigger="manual")
+    print(f"retrain {record.outcome}: {record.reason} ({record.events} events, "
+          f"{record.users} users, {record.items} items, {record.seconds:.1f}s)")
+    if record.new_version:
+        print(f"{record.new_version} is now active")
+    return 0 if record.outcome in ("promoted", "rejected", "skipped") else 1
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    for entry in retrain_history(_registry(args).root):
+        print(json.dumps(entry, sort_keys=True))
+    return 0
 
 
 def _registry(args: argparse.Namespace) -> ModelRegistry:
