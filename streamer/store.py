@@ -474,6 +474,40 @@ class PartitionStore:
         self._applied = offset
         return entries
 
+    def commit_model_switch(self, vectors: Mapping[str, VectorRecord], model_version: str) -> list[OutboxEntry]:
+        """Re-folded vectors of a model switch, all in one WriteBatch, offset unchanged.
+
+        Commit order:
+
+        1. Check the store is open and every record carries ``model_version``.
+        2. Stage every vector record, and an outbox entry per user keyed at the current
+           applied offset (so it sorts after that batch's entries and, for a user with an
+           unacknowledged entry at that offset, replaces it with the newer vector).
+        3. Stage meta ``model_version``.
+        4. Write the batch in one call: after any crash the partition is wholly on the old
+           model or wholly on the new one.
+        """
+        db = self._live()
+        wrong = [u for u, r in vectors.items() if r.model_version != model_version]
+        if wrong:
+            raise StateStoreError(f"{self.name}: model switch to {model_version} got vectors of "
+                                  f"another version for {sorted(wrong)[:5]}")
+        offset = max(self._applied, 0)
+        batch = WriteBatch(raw_mode=True)
+        h = db.handle
+        entries = []
+        for user_id, record in vectors.items():
+            batch.put(codec.encode_user_id(user_id), codec.encode_vector_record(record), h[VECTORS])
+            entry = OutboxEntry(codec.encode_outbox_key(offset, user_id), offset, user_id, record)
+            batch.put(entry.key, codec.encode_outbox_value(user_id, record), h[OUTBOX])
+            entries.append(entry)
+        batch.put(_MODEL_KEY, codec.encode_text(model_version), h[META])
+        try:
+            db.rdict.write(batch, self._write_opts)
+        except Exception as exc:
+            raise StateStoreError(f"{self.name}: writing the switch to {model_version} failed: {exc}") from exc
+        return entries
+
     def ack_outbox(self, keys: Iterable[bytes]) -> None:
         """Delete published outbox entries in one small batch (never fsynced: losing an ack only republishes)."""
         db = self._live()

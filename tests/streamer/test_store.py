@@ -400,3 +400,20 @@ def test_reader_checkpoint_includes_unflushed_writes(make_store, state_dir, tmp_
 def test_sync_writes_setting_is_used(make_store):
     assert make_store(config=StoreConfig(sync_writes=True))._write_opts.sync is True
     assert make_store(partition=1)._write_opts.sync is False
+
+
+def test_model_switch_rewrites_vectors_and_version_without_moving_the_offset(make_store):
+    store = make_store()
+    store.commit_batch({"u": history("a"), "v": history("b")}, {"u": record(1.0), "v": record(2.0)},
+                       [], offset=7, model_version="v000001")
+    switched = {u: VectorRecord(np.full(4, 9.0, np.float32), "v000002", 1, 100.0, 2.0) for u in ("u", "v")}
+    entries = store.commit_model_switch(switched, "v000002")
+    assert store.applied_offset() == 7 and store.model_version() == "v000002"
+    assert {u: r.model_version for u, r in store.get_vectors(["u", "v"]).items()} == {
+        "u": "v000002", "v": "v000002"}
+    # The switch's outbox entries replace the unacknowledged ones of the same users.
+    assert sorted(e.user_id for e in store.iter_outbox()) == ["u", "v"]
+    assert all(e.record.model_version == "v000002" for e in store.iter_outbox())
+    assert [e.offset for e in entries] == [7, 7]
+    with pytest.raises(StateStoreError, match="another version"):
+        store.commit_model_switch({"u": record(3.0)}, "v000003")
