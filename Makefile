@@ -16,6 +16,7 @@ demo: $(BIN)/.installed
 	$(BIN)/foldstream demo
 
 test: $(BIN)/.installed
+	bash ops/install-prometheus.sh
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
