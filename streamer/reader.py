@@ -6,13 +6,14 @@ never takes the writer's LOCK.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from streamer import codec
 from streamer.codec import VectorRecord
@@ -23,6 +24,9 @@ from streamer.store import (
     COLUMN_FAMILIES, META, VECTORS, _COPY_CHUNK, _OFFSET_KEY, _PARTITION_DIR, _Db,
     _check_format, _stored_format,
 )
+
+if TYPE_CHECKING:
+    from streamer.store import PartitionStore
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +258,32 @@ def _copy_partition(source: _Db, dest: Path, name: str) -> Path:
     final = dest / name
     os.rename(partial, final)
     return final
+
+
+@contextlib.contextmanager
+def snapshot(state_dir: str | os.PathLike, topic: str) -> Iterator[dict[int, "PartitionStore"]]:
+    """A consistent copy of every partition of ``topic``, opened read-write in a temp dir.
+
+    Safe beside a running consumer (the copy comes from secondary instances); each
+    partition is a consistent state as of one catch-up. Yields ``{partition: store}``
+    and deletes the copy afterwards.
+    """
+    from streamer.store import PartitionStore
+
+    with tempfile.TemporaryDirectory(prefix="foldstream-snapshot-") as tmp:
+        dest = Path(tmp) / "state"
+        if Path(state_dir).is_dir():
+            with StoreReader(state_dir, topic=topic) as reader:
+                copied = reader.checkpoint(dest)
+        else:
+            copied = {}
+        stores = {}
+        try:
+            for name in sorted(copied):
+                match = _PARTITION_DIR.fullmatch(name)
+                partition = int(match.group(2))
+                stores[partition] = PartitionStore.open(dest, topic, partition, create=False)
+            yield stores
+        finally:
+            for store in stores.values():
+                store.close()

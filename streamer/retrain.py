@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +30,8 @@ from factors.evaluate import temporal_split
 from factors.gate import decide, score_model
 from factors.pipeline import TrainParams, train
 from streamer.config import AppConfig
-from streamer.reader import StoreReader
+from streamer.reader import snapshot
 from streamer.registry import ModelRegistry
-from streamer.store import PartitionStore, _PARTITION_DIR
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +58,17 @@ def load_histories(state_dir: Path, topic: str) -> Interactions:
     """Every stored event of every user, from a snapshot taken beside the running consumer."""
     users, items = IdIndex(), IdIndex()
     u_parts, i_parts, w_parts, t_parts = [], [], [], []
-    with tempfile.TemporaryDirectory(prefix="foldstream-snapshot-") as tmp:
-        with StoreReader(state_dir, topic=topic) as reader:
-            copied = reader.checkpoint(Path(tmp) / "state")
-        for name, path in sorted(copied.items()):
-            match = _PARTITION_DIR.fullmatch(name)
-            with PartitionStore.open(path.parent, match.group(1), int(match.group(2)),
-                                     create=False) as store:
-                for user, history in store.iter_users():
-                    n = len(history)
-                    if not n:
-                        continue
-                    u_parts.append(np.full(n, users.add(user), dtype=np.int32))
-                    i_parts.append(np.fromiter((items.add(i) for i in history.item_ids),
-                                               dtype=np.int32, count=n))
-                    w_parts.append(np.asarray(history.weights))
-                    t_parts.append(np.asarray(history.times))
+    with snapshot(state_dir, topic) as stores:
+        for store in stores.values():
+            for user, history in store.iter_users():
+                n = len(history)
+                if not n:
+                    continue
+                u_parts.append(np.full(n, users.add(user), dtype=np.int32))
+                i_parts.append(np.fromiter((items.add(i) for i in history.item_ids),
+                                           dtype=np.int32, count=n))
+                w_parts.append(np.asarray(history.weights))
+                t_parts.append(np.asarray(history.times))
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return Interactions(users=cat(u_parts, np.int32), items=cat(i_parts, np.int32),
                         weights=cat(w_parts, np.float32), timestamps=cat(t_parts, np.float64),

@@ -20,6 +20,7 @@ from streamer.reader import StoreReader
 from streamer.replay import event_messages, log_fingerprint, produce
 from streamer.service import FoldService
 from streamer.topics import ensure_topics
+from streamer.verify import verify
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=cmd_run)
+
+    p = sub.add_parser("verify", help="audit the store and output topic against the input topic",
+                       description="Re-read the input topic, recompute every user's history and "
+                       "vector, compare with the state store and the newest message per user on "
+                       "the output topic. Exit status 1 on any mismatch. Safe while consumers run.")
+    add_config_option(p)
+    p.add_argument("--no-output", action="store_true", help="skip the output-topic comparison")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the report")
+    p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("vectors", help="read stored user vectors",
                        description="Read vectors from the state store (safe while the consumer runs).")
@@ -108,6 +118,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"stopped: applied {stats.applied}, published {stats.published}, "
           f"dead-lettered {stats.dead_lettered}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify(config_from_args(args), check_output=not args.no_output)
+    for line in report.lines():
+        print(line)
+    if args.json:
+        print(json.dumps(report.summary(), sort_keys=True))
+    return 0 if report.ok else 1
 
 
 def cmd_vectors_get(args: argparse.Namespace) -> int:
