@@ -17,6 +17,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	bash ops/install-prometheus.sh
+	bash ops/install-docker-compose.sh
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
