@@ -1,0 +1,55 @@
+"""A consumer process that SIGKILLs itself at a chosen stage of its Nth micro-batch.
+
+    python -m tests.faults.crashing_consumer CONFIG STAGE N
+
+STAGE is where in the commit protocol the process dies (streamer/service.py, steps 4-6):
+``before_write`` (state computed, nothing written), ``after_write`` (WriteBatch done, nothing
+published), ``after_publish`` (vectors acknowledged, Kafka offsets not committed). The
+production code has no fault hooks: this script patches the methods it wraps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from streamer.config import load_config
+from streamer.service import FoldService
+from streamer.store import PartitionStore
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    config_path, stage, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    calls = {"batches": 0}
+    original_commit = PartitionStore.commit_batch
+    original_commit_offsets = FoldService._commit
+
+    def commit_batch(self, *args, **kwargs):
+        calls["batches"] += 1
+        if stage == "before_write" and calls["batches"] == n:
+            die()
+        entries = original_commit(self, *args, **kwargs)
+        if stage == "after_write" and calls["batches"] == n:
+            die()
+        return entries
+
+    def commit_offsets(self, sync):
+        if stage == "after_publish" and calls["batches"] >= n:
+            die()
+        return original_commit_offsets(self, sync)
+
+    PartitionStore.commit_batch = commit_batch
+    FoldService._commit = commit_offsets
+    service = FoldService(load_config(config_path))
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    service.run()
+
+
+if __name__ == "__main__":
+    main()
