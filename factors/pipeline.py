@@ -88,13 +88,15 @@ class TrainResult:
         users_seen = np.diff(self.weights.indptr) > 0
         items_seen = np.bincount(self.weights.indices, minlength=self.weights.shape[1]) > 0
         user_ids, item_ids = inter.user_ids.ids, inter.item_ids.ids
+        # Training events per kept item: the popularity baseline drift is measured against.
+        events_per_item = np.bincount(inter.items, minlength=self.weights.shape[1])[items_seen]
         return ModelArtifact(
             item_factors=self.model.item_factors_[items_seen],
             user_factors=self.model.user_factors_[users_seen],
             item_ids=[item_ids[i] for i in np.flatnonzero(items_seen)],
             user_ids=[user_ids[u] for u in np.flatnonzero(users_seen)],
             params=self.params.as_dict(),
-            metrics=dict(self.metrics),
+            metrics={**self.metrics, "item_counts": events_per_item.tolist()},
             input_sha256=input_sha256,
         )
 

@@ -70,3 +70,11 @@ def test_evaluate_reports_metrics(log, mode):
 def test_train_params_validation(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainParams(**{field: value})
+
+
+def test_artifact_records_training_events_per_item(log):
+    result = train(log, PARAMS)
+    art = result.artifact(log)
+    counts = dict(zip(art.item_ids, art.metrics["item_counts"]))
+    for item in art.item_ids[:10]:
+        assert counts[item] == int(np.sum(log.items == log.item_ids.index(item)))
