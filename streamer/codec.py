@@ -50,6 +50,8 @@ _MAX_MODEL_VERSION_BYTES = 0xFFFF
 
 
 def _utf8(text: str, what: str) -> bytes:
+    if type(text) is str and text.isascii():
+        return text.encode("ascii")
     if not isinstance(text, str):
         raise InvalidRecordError(f"{what} must be str, got {type(text).__name__}: {text!r}")
     try:
@@ -76,6 +78,8 @@ def _check_format(buf: bytes, expected: int, what: str, min_len: int) -> None:
 
 def encode_user_id(user_id: str) -> bytes:
     """Key bytes of a user id (strict UTF-8)."""
+    if type(user_id) is str and user_id.isascii():
+        return user_id.encode("ascii")
     return _utf8(user_id, "user id")
 
 
@@ -121,12 +125,18 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-@dataclass(frozen=True, eq=False)
+_NO_IDS = _frozen(np.empty(0, np.int64))
+
+
 class UserHistory:
     """One user's recent events, oldest first (sorted by event time, ties in arrival order).
 
     Build histories with ``UserHistory.empty().append(...)``; the constructor only checks
-    that the four columns agree. Arrays are read-only.
+    that the four columns agree. Arrays are read-only, and so are the attributes.
+
+    The item ids are held as their UTF-8 bytes, concatenated, with one length per event
+    (the stored layout), and turned into ``str`` only when ``item_ids`` is read: decoding,
+    appending to and encoding a history then cost a few NumPy calls whatever its length.
 
     Parameters
     ----------
@@ -136,29 +146,80 @@ class UserHistory:
     event_hashes : uint64 array, 0 where the event had no id
     """
 
-    item_ids: tuple[str, ...]
-    weights: np.ndarray
-    times: np.ndarray
-    event_hashes: np.ndarray
+    __slots__ = ("_ids", "_blob", "_lengths", "_weights", "_times", "_hashes")
 
-    def __post_init__(self) -> None:
-        n = len(self.item_ids)
-        object.__setattr__(self, "item_ids", tuple(self.item_ids))
-        for name, dtype in (("weights", np.float32), ("times", np.float64), ("event_hashes", np.uint64)):
-            array = np.array(getattr(self, name), dtype=dtype).reshape(-1)
+    def __init__(self, item_ids, weights, times, event_hashes) -> None:
+        ids = tuple(item_ids)
+        n = len(ids)
+        columns = []
+        for name, value, dtype in (("weights", weights, np.float32), ("times", times, np.float64),
+                                   ("event_hashes", event_hashes, np.uint64)):
+            array = np.array(value, dtype=dtype).reshape(-1)
             if array.shape[0] != n:
                 raise InvalidRecordError(f"history {name} must have {n} entries (one per item id), got {array.shape[0]}")
-            object.__setattr__(self, name, _frozen(array))
-        if n > 1 and bool(np.any(np.diff(self.times) < 0)):
+            columns.append(_frozen(array))
+        if n > 1 and bool(np.any(np.diff(columns[1]) < 0)):
             raise InvalidRecordError("history times must be non-decreasing; build histories with append()")
+        self._set(ids, None, None, *columns)
+
+    def _set(self, ids, blob, lengths, weights, times, hashes) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "_ids", ids)
+        setattr_(self, "_blob", blob)
+        setattr_(self, "_lengths", lengths)
+        setattr_(self, "_weights", weights)
+        setattr_(self, "_times", times)
+        setattr_(self, "_hashes", hashes)
+
+    @classmethod
+    def _from_columns(cls, blob: bytes, lengths: np.ndarray, weights: np.ndarray,
+                      times: np.ndarray, hashes: np.ndarray, ids: tuple | None = None) -> "UserHistory":
+        """A history from checked, read-only columns (no copies, no checks)."""
+        history = cls.__new__(cls)
+        history._set(ids, blob, lengths, weights, times, hashes)
+        return history
+
+    def __setattr__(self, name, value) -> None:
+        raise AttributeError(f"UserHistory is immutable, cannot set {name!r}")
+
+    def __reduce__(self):
+        return UserHistory._from_columns, (*self._id_bytes(), self._weights, self._times, self._hashes)
 
     @classmethod
     def empty(cls) -> "UserHistory":
         """A history with no events."""
-        return cls((), np.empty(0, np.float32), np.empty(0, np.float64), np.empty(0, np.uint64))
+        return cls._from_columns(b"", _NO_IDS, _frozen(np.empty(0, np.float32)),
+                                 _frozen(np.empty(0, np.float64)), _frozen(np.empty(0, np.uint64)), ())
+
+    @property
+    def item_ids(self) -> tuple[str, ...]:
+        if self._ids is None:
+            object.__setattr__(self, "_ids", _split_ids(self._blob, self._lengths))
+        return self._ids
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self._weights
+
+    @property
+    def times(self) -> np.ndarray:
+        return self._times
+
+    @property
+    def event_hashes(self) -> np.ndarray:
+        return self._hashes
+
+    def _id_bytes(self) -> tuple[bytes, np.ndarray]:
+        """The item ids as (concatenated UTF-8, int64 byte length of each)."""
+        if self._blob is None:
+            encoded = [_utf8(i, "item id") for i in self._ids]
+            lengths = _frozen(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+            object.__setattr__(self, "_lengths", lengths)
+            object.__setattr__(self, "_blob", b"".join(encoded))
+        return self._blob, self._lengths
 
     def __len__(self) -> int:
-        return len(self.item_ids)
+        return self._weights.shape[0]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, UserHistory):
@@ -170,13 +231,15 @@ class UserHistory:
             and np.array_equal(self.event_hashes, other.event_hashes)
         )
 
+    __hash__ = None
+
     def __repr__(self) -> str:
         return f"UserHistory(n={len(self)}, last_event_time={self.last_event_time})"
 
     @property
     def last_event_time(self) -> float:
         """Time of the newest event, NaN when empty."""
-        return float(self.times[-1]) if len(self) else math.nan
+        return float(self._times[-1]) if len(self) else math.nan
 
     def append(
         self,
@@ -219,8 +282,7 @@ class UserHistory:
         """
         if max_events < 1:
             raise ConfigError(f"max_events must be >= 1, got {max_events}")
-        new_ids = list(item_ids)
-        m = len(new_ids)
+        m = len(item_ids)
         try:
             new_w = np.asarray(weights, dtype=np.float32).reshape(-1)
             new_t = np.asarray(times, dtype=np.float64).reshape(-1)
@@ -231,34 +293,14 @@ class UserHistory:
             if array.shape[0] != m:
                 raise InvalidRecordError(f"append {name} must have {m} entries (one per item id), got {array.shape[0]}")
         for name, array in (("weight", new_w), ("time", new_t)):
-            bad = np.flatnonzero(~np.isfinite(array))
-            if bad.size:
+            if not np.isfinite(array).all():
+                bad = np.flatnonzero(~np.isfinite(array))
                 raise InvalidRecordError(f"event {bad[0]}: {name} must be finite, got {array[bad[0]]}")
-        for item in new_ids:
-            _utf8(item, "item id")
-
-        seen = set(self.event_hashes[self.event_hashes != 0].tolist())
-        keep = np.ones(m, dtype=bool)
-        for j, h in enumerate(new_h.tolist()):
-            if h == 0:
-                continue
-            if h in seen:
-                keep[j] = False
-            else:
-                seen.add(h)
-        duplicates = int(m - keep.sum())
-
-        n_old = len(self)
-        ids = self.item_ids + tuple(i for i, k in zip(new_ids, keep) if k)
-        w = np.concatenate([self.weights, new_w[keep]])
-        t = np.concatenate([self.times, new_t[keep]])
-        h = np.concatenate([self.event_hashes, new_h[keep]])
-        order = np.argsort(t, kind="stable")
-        evicted = max(0, order.shape[0] - max_events)
-        order = order[evicted:]
-        added = int(np.count_nonzero(order >= n_old))
-        history = UserHistory(tuple(ids[i] for i in order.tolist()), w[order], t[order], h[order])
-        return HistoryUpdate(history, added, duplicates, evicted)
+        new_ids = [_utf8(item, "item id") for item in item_ids]
+        batch = append_histories([self], [np.zeros(len(self), np.int32)], np.zeros(m, np.int64), new_ids, new_w, new_t,
+                                 new_h, np.zeros(m, np.int32), max_events=max_events)
+        return HistoryUpdate(batch.histories[0], int(batch.added[0]), int(batch.duplicates[0]),
+                             int(batch.evicted[0]))
 
     def aggregate(self) -> tuple[list[str], np.ndarray]:
         """Distinct items in first-seen order and their summed weights, for fold-in.
@@ -274,18 +316,155 @@ class UserHistory:
         return list(index), sums.astype(np.float32)
 
 
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(lengths.shape[0], dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _take_bytes(blob: bytes, lengths: np.ndarray, order: np.ndarray) -> bytes:
+    """The byte strings ``order`` picks out of ``blob`` (split by ``lengths``), concatenated."""
+    sizes = lengths[order]
+    total = int(sizes.sum())
+    if total == 0:
+        return b""
+    shift = np.repeat(_starts(lengths)[order] - _starts(sizes), sizes)
+    return np.frombuffer(blob, dtype=np.uint8)[np.arange(total) + shift].tobytes()
+
+
+def _split_ids(blob: bytes, lengths: np.ndarray) -> tuple[str, ...]:
+    """The ids in ``blob``, already checked to be UTF-8 (see :func:`decode_history`)."""
+    ends = np.cumsum(lengths).tolist()
+    starts = [0, *ends[:-1]]
+    if blob.isascii():
+        text = blob.decode("ascii")
+        return tuple([text[a:b] for a, b in zip(starts, ends)])
+    return tuple([blob[a:b].decode("utf-8") for a, b in zip(starts, ends)])
+
+
+class HistoryBatch(NamedTuple):
+    """What :func:`append_histories` did, per history (arrays are indexed like ``bases``)."""
+
+    histories: list[UserHistory]
+    extras: list[np.ndarray]  # the caller's column, following its events
+    added: np.ndarray
+    duplicates: np.ndarray
+    evicted: np.ndarray
+
+
+def append_histories(
+    bases: Sequence[UserHistory],
+    base_extras: Sequence[np.ndarray],
+    segments: np.ndarray,
+    item_ids: Sequence[bytes],
+    weights: np.ndarray,
+    times: np.ndarray,
+    hashes: np.ndarray,
+    extras: np.ndarray,
+    *,
+    max_events: int,
+) -> HistoryBatch:
+    """:meth:`UserHistory.append` for many histories at once, in one NumPy pass over all events.
+
+    New event ``j`` extends ``bases[segments[j]]``; events are given in arrival order. Same
+    dedupe, order and cap as :meth:`UserHistory.append` (which calls this with one history).
+    ``extras`` is a column of the caller's (an int32 per event, e.g. the item's row in the
+    model), ``base_extras[u]`` the same for the events of ``bases[u]``: it is carried along
+    and returned for the events kept.
+
+    Parameters
+    ----------
+    bases : sequence of UserHistory
+    base_extras : sequence of int32 arrays, ``len(base_extras[u]) == len(bases[u])``
+    segments : int array (m,), values in ``range(len(bases))``
+    item_ids : sequence of bytes (m), UTF-8 already checked
+    weights : float32 array (m,), finite
+    times : float64 array (m,), finite
+    hashes : uint64 array (m,)
+    extras : int32 array (m,)
+    max_events : int, >= 1
+    """
+    if max_events < 1:
+        raise ConfigError(f"max_events must be >= 1, got {max_events}")
+    u_count = len(bases)
+    m = len(item_ids)
+    n_old = np.fromiter(map(len, bases), dtype=np.int64, count=u_count)
+    old_ids = [b._id_bytes() for b in bases]
+    blob = b"".join([ids for ids, _ in old_ids] + list(item_ids))
+    lengths = np.concatenate([lengths for _, lengths in old_ids]
+                             + [np.fromiter(map(len, item_ids), dtype=np.int64, count=m)])
+    seg = np.concatenate([np.repeat(np.arange(u_count, dtype=np.int64), n_old),
+                          np.asarray(segments, dtype=np.int64)])
+    w = np.concatenate([b.weights for b in bases] + [weights]).astype(np.float32, copy=False)
+    t = np.concatenate([b.times for b in bases] + [times]).astype(np.float64, copy=False)
+    h = np.concatenate([b.event_hashes for b in bases] + [hashes]).astype(np.uint64, copy=False)
+    x = np.concatenate(list(base_extras) + [extras]).astype(np.int32, copy=False)
+    if x.shape[0] != seg.shape[0]:
+        raise InvalidRecordError(f"extras must have one entry per event ({seg.shape[0]}), got {x.shape[0]}")
+    first_new = int(n_old.sum())  # old events come first, so position = arrival order per history
+
+    # Dedupe: a new event whose non-zero hash occurs earlier in its history (old events,
+    # then earlier new ones) is dropped. Old events are never dropped.
+    duplicate = np.zeros(seg.shape[0], dtype=bool)
+    if m and bool((h[first_new:] != 0).any()):
+        ends = np.cumsum(n_old).tolist()
+        starts = [0, *ends[:-1]]
+        seen: set[tuple[int, int]] = set()
+        for j, (s, hj) in enumerate(zip(seg[first_new:].tolist(), h[first_new:].tolist())):
+            if hj == 0:
+                continue
+            if (s, hj) in seen or (starts[s] < ends[s] and hj in h[starts[s]:ends[s]]):
+                duplicate[first_new + j] = True
+            else:
+                seen.add((s, hj))
+    kept = np.flatnonzero(~duplicate) if m else np.arange(seg.shape[0])
+
+    # Group by history: old events (already in time order) first, then new ones in arrival
+    # order. Only a history whose new events are not the newest, in order, needs a sort.
+    order = kept[np.argsort(seg[kept], kind="stable")]
+    seg_sorted = seg[order]
+    counts = np.bincount(seg_sorted, minlength=u_count)
+    group_starts = _starts(counts)
+    t_sorted = t[order]
+    late = np.flatnonzero((seg_sorted[1:] == seg_sorted[:-1]) & (t_sorted[1:] < t_sorted[:-1]))
+    for u in np.unique(seg_sorted[late + 1]).tolist():
+        a, b = group_starts[u], group_starts[u] + counts[u]
+        part = order[a:b]
+        order[a:b] = part[np.argsort(t[part], kind="stable")]  # ties keep arrival order
+
+    # Keep each history's newest max_events.
+    rank = np.arange(order.shape[0]) - group_starts[seg_sorted]
+    final = order[rank >= (counts - max_events)[seg_sorted]]
+
+    final_seg = seg[final]
+    kept_counts = np.bincount(final_seg, minlength=u_count)
+    added = np.bincount(final_seg[final >= first_new], minlength=u_count)
+    duplicates = np.bincount(seg[duplicate], minlength=u_count)
+    out_lengths = lengths[final]
+    out_blob = _take_bytes(blob, lengths, final)
+    columns = [_frozen(a) for a in (out_lengths, w[final], t[final], h[final], x[final])]
+    bounds = np.concatenate([[0], np.cumsum(kept_counts)]).tolist()
+    byte_bounds = np.concatenate([[0], np.cumsum(out_lengths)])[bounds].tolist()
+    histories, out_extras = [], []
+    for u in range(u_count):
+        a, b = bounds[u], bounds[u + 1]
+        histories.append(UserHistory._from_columns(out_blob[byte_bounds[u]:byte_bounds[u + 1]],
+                                                   *(c[a:b] for c in columns[:4])))
+        out_extras.append(columns[4][a:b])
+    return HistoryBatch(histories, out_extras, added, duplicates, counts - kept_counts)
+
+
 def encode_history(history: UserHistory) -> bytes:
     """Bytes of a :class:`UserHistory` (layout in the module docstring)."""
-    ids = [_utf8(i, "item id") for i in history.item_ids]
-    lengths = np.fromiter((len(b) for b in ids), dtype="<u4", count=len(ids))
+    blob, lengths = history._id_bytes()
     return b"".join(
         [
-            _HISTORY_HEAD.pack(HISTORY_FORMAT, len(ids)),
-            history.weights.astype("<f4").tobytes(),
-            history.times.astype("<f8").tobytes(),
-            history.event_hashes.astype("<u8").tobytes(),
-            lengths.tobytes(),
-            *ids,
+            _HISTORY_HEAD.pack(HISTORY_FORMAT, len(history)),
+            np.asarray(history.weights, dtype="<f4").tobytes(),
+            np.asarray(history.times, dtype="<f8").tobytes(),
+            np.asarray(history.event_hashes, dtype="<u8").tobytes(),
+            lengths.astype("<u4").tobytes(),
+            blob,
         ]
     )
 
@@ -300,20 +479,38 @@ def decode_history(buf: bytes) -> UserHistory:
         raise StoreFormatError(f"{what}: {n} events need at least {fixed} bytes, got {len(buf)}")
     pos = _HISTORY_HEAD.size
     columns = []
-    for dtype, native in (("<f4", np.float32), ("<f8", np.float64), ("<u8", np.uint64), ("<u4", np.int64)):
-        columns.append(np.frombuffer(buf, dtype=dtype, count=n, offset=pos).astype(native))
-        pos += n * np.dtype(dtype).itemsize
-    weights, times, hashes, lengths = columns
+    for dtype in ("<f4", "<f8", "<u8", "<u4"):
+        # Views of ``buf`` (read-only, as bytes are), converted only on a big-endian host.
+        columns.append(np.frombuffer(buf, dtype=dtype, count=n, offset=pos))
+        pos += n * columns[-1].itemsize
+    weights, times, hashes = (c.astype(native, copy=False) for c, native in
+                              zip(columns, (np.float32, np.float64, np.uint64)))
+    lengths = _frozen(columns[3].astype(np.int64))
     if int(lengths.sum()) != len(buf) - pos:
         raise StoreFormatError(f"{what}: item ids need {int(lengths.sum())} bytes, got {len(buf) - pos}")
-    if not (np.all(np.isfinite(weights)) and np.all(np.isfinite(times))):
+    if not (np.isfinite(weights).all() and np.isfinite(times).all()):
         raise StoreFormatError(f"{what}: non-finite weight or time")
-    if n > 1 and bool(np.any(np.diff(times) < 0)):
+    if n > 1 and bool((times[1:] < times[:-1]).any()):
         raise StoreFormatError(f"{what}: times are not sorted")
-    ends = (pos + np.cumsum(lengths)).tolist()
-    starts = [pos, *ends[:-1]]
-    ids = tuple(_text(buf[a:b], what) for a, b in zip(starts, ends))
-    return UserHistory(ids, weights, times, hashes)
+    weights, times, hashes = (_frozen(c) for c in (weights, times, hashes))
+    blob = bytes(buf[pos:])
+    _check_ids(blob, lengths, what)
+    return UserHistory._from_columns(blob, lengths, weights, times, hashes)
+
+
+def _check_ids(blob: bytes, lengths: np.ndarray, what: str) -> None:
+    """Every id is strict UTF-8: so is the whole, and no id starts inside a character."""
+    if blob.isascii():
+        return
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreFormatError(f"{what}: invalid UTF-8 at byte {exc.start} of the item ids") from exc
+    starts = _starts(lengths)[lengths > 0]
+    inside = (np.frombuffer(blob, dtype=np.uint8)[starts] & 0xC0) == 0x80
+    if inside.any():
+        raise StoreFormatError(f"{what}: invalid UTF-8: item id {int(np.flatnonzero(lengths > 0)[inside.argmax()])} "
+                               f"starts inside a character")
 
 
 # --------------------------------------------------------------------------- vectors
@@ -358,6 +555,36 @@ class VectorRecord:
         object.__setattr__(self, "last_event_time", float(self.last_event_time))
         object.__setattr__(self, "processed_at", float(self.processed_at))
 
+    @classmethod
+    def many(cls, vectors: np.ndarray, model_version: str, n_interactions: Sequence[int],
+             last_event_times: Sequence[float], processed_at: float) -> list["VectorRecord"]:
+        """One record per row of ``vectors``, checked once for all rows (same checks)."""
+        vectors = _frozen(np.array(vectors, dtype=np.float32))
+        if vectors.ndim != 2:
+            raise InvalidRecordError(f"vectors must be 2-D, got shape {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise InvalidRecordError(f"vector must be finite, got {vectors[~np.isfinite(vectors)][0]} in it")
+        if len(_utf8(model_version, "model_version")) > _MAX_MODEL_VERSION_BYTES:
+            raise InvalidRecordError(f"model_version must be <= {_MAX_MODEL_VERSION_BYTES} UTF-8 bytes, got {len(model_version.encode())}")
+        counts = [int(n) for n in n_interactions]
+        if len(counts) != vectors.shape[0] or len(last_event_times) != vectors.shape[0]:
+            raise InvalidRecordError(f"need one count and one time per vector ({vectors.shape[0]}), got "
+                                     f"{len(counts)} and {len(last_event_times)}")
+        if counts and not (0 <= min(counts) and max(counts) < 2**63):
+            raise InvalidRecordError(f"n_interactions must be >= 0, got {min(counts)}")
+        processed_at = float(processed_at)
+        records = []
+        new, setattr_ = object.__new__, object.__setattr__
+        for vector, n, last in zip(vectors, counts, last_event_times):
+            record = new(cls)
+            setattr_(record, "vector", vector)
+            setattr_(record, "model_version", model_version)
+            setattr_(record, "n_interactions", n)
+            setattr_(record, "last_event_time", float(last))
+            setattr_(record, "processed_at", processed_at)
+            records.append(record)
+        return records
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VectorRecord):
             return NotImplemented
@@ -381,17 +608,25 @@ class VectorRecord:
 
 
 def encode_vector_record(record: VectorRecord) -> bytes:
-    """Bytes of a :class:`VectorRecord` (layout in the module docstring)."""
-    version = record.model_version.encode("utf-8")
-    head = _VECTOR_HEAD.pack(
-        VECTOR_FORMAT,
-        record.vector.shape[0],
-        record.n_interactions,
-        record.last_event_time,
-        record.processed_at,
-        len(version),
-    )
-    return head + version + record.vector.astype("<f4").tobytes()
+    """Bytes of a :class:`VectorRecord` (layout in the module docstring).
+
+    Records are immutable, so the bytes are kept on the record: the store writes them
+    twice per update (the vector, and inside its outbox entry).
+    """
+    encoded = record.__dict__.get("_encoded")
+    if encoded is None:
+        version = record.model_version.encode("utf-8")
+        head = _VECTOR_HEAD.pack(
+            VECTOR_FORMAT,
+            record.vector.shape[0],
+            record.n_interactions,
+            record.last_event_time,
+            record.processed_at,
+            len(version),
+        )
+        encoded = head + version + np.asarray(record.vector, dtype="<f4").tobytes()
+        object.__setattr__(record, "_encoded", encoded)
+    return encoded
 
 
 def decode_vector_record(buf: bytes) -> VectorRecord:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from streamer.codec import event_id_hash
 from streamer.config import ProcessingConfig
+from streamer.errors import InvalidRecordError
 
 # Reasons a record is dead-lettered (the ``reason`` header, and a metric label).
 REASONS = (
@@ -41,8 +42,8 @@ REASONS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Interaction:
+# Named tuples, not dataclasses: one is built per record, and a tuple is built in C.
+class Interaction(NamedTuple):
     user: str
     item: str
     weight: float
@@ -51,14 +52,12 @@ class Interaction:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class Forget:
+class Forget(NamedTuple):
     user: str
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(NamedTuple):
     reason: str
     detail: str
     offset: int
@@ -94,6 +93,7 @@ class EventDecoder:
     def __init__(self, config: ProcessingConfig) -> None:
         self.config = config
         self._event_weights = dict(config.event_weights)
+        self._json = json.JSONDecoder(parse_constant=_reject_constant)
 
     def decode(self, key: bytes | None, value: bytes | None, offset: int,
                broker_ts_ms: int | None = None) -> Decoded:
@@ -113,7 +113,7 @@ class EventDecoder:
         except UnicodeDecodeError as exc:
             return Rejected("invalid_utf8", f"value is not UTF-8: {exc}", offset)
         try:
-            doc = json.loads(text, parse_constant=_reject_constant)
+            doc = self._json.decode(text)
         except (ValueError, RecursionError) as exc:
             return Rejected("invalid_json", f"value is not JSON: {exc}", offset)
         if not isinstance(doc, dict):
@@ -122,13 +122,14 @@ class EventDecoder:
         return self._from_object(doc, key_text, offset, broker_ts_ms)
 
     def _from_object(self, doc: dict, key: str, offset: int, broker_ts_ms: int | None) -> Decoded:
-        for name in ("user", "item"):
-            if name not in doc:
-                return Rejected("missing_field", f"field {name!r} is required", offset)
-            if not isinstance(doc[name], str):
-                return Rejected("wrong_type", f"field {name!r} must be a string, got "
-                                f"{type(doc[name]).__name__}", offset)
-        user, item = doc["user"], doc["item"]
+        user, item = doc.get("user"), doc.get("item")
+        if type(user) is not str or type(item) is not str:
+            for name in ("user", "item"):
+                if name not in doc:
+                    return Rejected("missing_field", f"field {name!r} is required", offset)
+                if not isinstance(doc[name], str):
+                    return Rejected("wrong_type", f"field {name!r} must be a string, got "
+                                    f"{type(doc[name]).__name__}", offset)
         for name, id_ in (("user", user), ("item", item)):
             problem = self._id_problem(id_, name)
             if problem:
@@ -157,9 +158,12 @@ class EventDecoder:
             return Rejected("invalid_weight", f"weight must be a finite number >= 0, got "
                             f"{weight!r}", offset)
 
-        if "ts" in doc and doc["ts"] is not None:
+        ts = doc.get("ts")
+        if type(ts) is float and math.isfinite(ts):  # the common case, as parse_timestamp does it
+            pass
+        elif ts is not None:
             try:
-                ts = parse_timestamp(doc["ts"])
+                ts = parse_timestamp(ts)
             except (ValueError, OverflowError, OSError) as exc:
                 return Rejected("invalid_timestamp", str(exc), offset)
         elif broker_ts_ms is not None and broker_ts_ms >= 0:
@@ -171,13 +175,19 @@ class EventDecoder:
         if event_id is None:
             id_hash = 0
         elif isinstance(event_id, str) and event_id:
-            id_hash = event_id_hash(event_id)
+            try:
+                id_hash = event_id_hash(event_id)
+            except InvalidRecordError as exc:
+                return Rejected("invalid_id", f"event_id is not valid Unicode text: {exc}", offset)
         else:
             return Rejected("wrong_type", f"field 'event_id' must be a non-empty string, got "
                             f"{event_id!r}", offset)
         return Interaction(user, item, weight, ts, id_hash, offset)
 
     def _id_problem(self, id_: str, name: str) -> str | None:
+        if id_.isascii():  # the common case: one byte per character, no surrogates
+            if 0 < len(id_) <= self.config.max_id_bytes:
+                return None
         if not id_:
             return f"{name} must not be empty"
         size = len(id_.encode("utf-8", "surrogatepass"))

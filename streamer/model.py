@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -29,20 +29,29 @@ class LoadedModel:
     def factors(self) -> int:
         return int(self.item_factors.shape[1])
 
+    def item_indices(self, item_ids: Iterable[str]) -> np.ndarray:
+        """Row of each item in the item factors, -1 for items the model does not know."""
+        get = self.item_index.get
+        return np.fromiter((get(item, -1) for item in item_ids), dtype=np.int32)
+
     def fold(self, histories: Iterable[UserHistory]) -> tuple[np.ndarray, np.ndarray]:
         """Exact vectors for many histories in one solve; also the unknown-item event counts."""
         histories = list(histories)
+        return self.fold_indexed(histories, [self.item_indices(h.item_ids) for h in histories])
+
+    def fold_indexed(self, histories: Sequence[UserHistory],
+                     indices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`fold`, given each history's :meth:`item_indices` (kept by the caller)."""
         lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
         indptr = np.zeros(len(histories) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
-        get = self.item_index.get
-        indices = np.fromiter((get(item, -1) for h in histories for item in h.item_ids),
-                              dtype=np.int32, count=int(indptr[-1]))
         if histories:
+            items = np.concatenate(indices).astype(np.int32, copy=False)
             weights = np.concatenate([h.weights for h in histories])
             times = np.concatenate([h.times for h in histories])
         else:
+            items = np.zeros(0, np.int32)
             weights = np.zeros(0, np.float32)
             times = np.zeros(0, np.float64)
-        return fold_in_rows(self.solver, indptr, indices, weights, times,
+        return fold_in_rows(self.solver, indptr, items, weights, times,
                             self.params.half_life_seconds)

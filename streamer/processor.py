@@ -1,12 +1,15 @@
 """One micro-batch of one partition: decoded events -> histories -> one fold-in -> one write.
 
 Kafka-free: the consumer hands in raw records of a single partition and gets back what to
-dead-letter and what to publish. Follow one event through :meth:`PartitionProcessor.process`:
+dead-letter and what to publish. Follow one event through :meth:`PartitionProcessor.decode`
+and :meth:`PartitionProcessor.apply`:
 
 1. skip records at or below the partition's applied offset (already in the store);
 2. decode (:class:`streamer.events.EventDecoder`): interaction, forget, or rejection;
 3. group interactions by user, in offset order; a forget resets the user's history;
-4. load the touched users' histories, append (dedupe by event id, cap by config);
+4. load the touched users' histories (from :class:`HistoryCache`, the recently updated
+   users kept in memory, else from the store) and append the new events to all of them in
+   one pass (:func:`streamer.codec.append_histories`: dedupe by event id, cap by config);
 5. fold every changed user in with ONE batched exact solve against the active model;
 6. commit histories, vectors, deletes, outbox and the applied offset in one WriteBatch.
 """
@@ -14,19 +17,20 @@ dead-letter and what to publish. Follow one event through :meth:`PartitionProces
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
+import numpy as np
 
-from streamer.codec import OutboxEntry, UserHistory, VectorRecord
+from streamer.codec import OutboxEntry, UserHistory, VectorRecord, append_histories
 from streamer.config import ProcessingConfig
 from streamer.events import EventDecoder, Forget, Interaction, Rejected
 from streamer.model import LoadedModel
 from streamer.store import PartitionStore
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
+class RawRecord(NamedTuple):
     """The parts of a Kafka record the processor needs (kafka-python independent)."""
 
     offset: int
@@ -55,43 +59,54 @@ class BatchOutcome:
     fold_seconds: float = 0.0
     write_seconds: float = 0.0
     vectors: dict[str, VectorRecord] = field(default_factory=dict)
+    # For drift monitoring: items of the batch's interactions (re-sent duplicates
+    # included), users without any stored history before the batch and their events,
+    # and the updated users' previous vectors on the same model.
+    applied_items: list[str] = field(default_factory=list)
+    new_users: int = 0
+    new_user_events: int = 0
+    previous_vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-@dataclass
-class _Pending:
-    reset: bool = False
-    items: list[str] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+# Events of history kept in memory per process (shared by its partitions), and what one cached user costs beyond its
+# events (about 40 bytes per event: some 100 MB at the bound); constants until a deployment
+# needs to change them.
+HISTORY_CACHE_EVENTS = 2_000_000
+ENTRY_OVERHEAD_EVENTS = 16
 
 
 class PartitionProcessor:
-    """Applies micro-batches to one partition's store against the current model."""
+    """Applies micro-batches to partition stores against the current model."""
 
-    def __init__(self, config: ProcessingConfig) -> None:
+    def __init__(self, config: ProcessingConfig, cache_events: int = HISTORY_CACHE_EVENTS) -> None:
         self.config = config
         self.decoder = EventDecoder(config)
+        self.cache_events = cache_events
+        self._caches: weakref.WeakKeyDictionary[PartitionStore, HistoryCache] = weakref.WeakKeyDictionary()
 
     def decode(self, store: PartitionStore, records: Sequence[RawRecord]) -> tuple[list, BatchOutcome]:
         """Steps 1-2: the records still to apply, decoded, and the rejections among them."""
         outcome = BatchOutcome()
         applied = store.applied_offset()
         decoded = []
+        times = outcome.record_times_ms
+        decode = self.decoder.decode
         now_ms = int(time.time() * 1000)
         for record in records:
-            outcome.consumed += 1
             if record.offset <= applied:
                 outcome.skipped_replayed += 1
                 continue
-            broker_ms = record.timestamp_ms if record.timestamp_ms is not None and \
-                record.timestamp_ms >= 0 else now_ms
-            outcome.record_times_ms.append(broker_ms)
-            event = self.decoder.decode(record.key, record.value, record.offset, broker_ms)
-            if isinstance(event, Rejected):
+            broker_ms = record.timestamp_ms
+            if broker_ms is None or broker_ms < 0:
+                broker_ms = now_ms
+            times.append(broker_ms)
+            event = decode(record.key, record.value, record.offset, broker_ms)
+            if type(event) is Rejected:
                 outcome.rejected.append((record, event))
             decoded.append(event)
-            outcome.last_offset = record.offset
+        outcome.consumed = len(records)
+        if decoded:
+            outcome.last_offset = decoded[-1].offset
         return decoded, outcome
 
     def apply(self, store: PartitionStore, decoded: list, outcome: BatchOutcome,
@@ -99,50 +114,84 @@ class PartitionProcessor:
         """Steps 3-6 for events returned by :meth:`decode` (rejections already dead-lettered)."""
         if outcome.last_offset < 0:
             return outcome
-        pending: dict[str, _Pending] = {}
+        # Step 3: the batch's interactions in columns, each tagged with its user's index
+        # (its "segment"); a forget drops the user's earlier events and stored history.
+        segment: dict[str, int] = {}
+        users: list[str] = []
+        forget_at: list[int] = []  # per user: events before this position are forgotten
+        seg, items, weights, times, hashes = [], [], [], [], []
         for event in decoded:
             if isinstance(event, Interaction):
-                p = pending.setdefault(event.user, _Pending())
-                p.items.append(event.item)
-                p.weights.append(event.weight)
-                p.times.append(event.ts)
-                p.hashes.append(event.event_id_hash)
+                s = segment.get(event.user)
+                if s is None:
+                    s = segment[event.user] = len(users)
+                    users.append(event.user)
+                    forget_at.append(-1)
+                seg.append(s)
+                items.append(event.item)
+                weights.append(event.weight)
+                times.append(event.ts)
+                hashes.append(event.event_id_hash)
             elif isinstance(event, Forget):
-                pending[event.user] = _Pending(reset=True)
+                s = segment.get(event.user)
+                if s is None:
+                    s = segment[event.user] = len(users)
+                    users.append(event.user)
+                    forget_at.append(-1)
+                forget_at[s] = len(seg)
                 outcome.forgotten += 1
+        seg_a = np.array(seg, dtype=np.int64)
+        reset = np.array(forget_at, dtype=np.int64) >= 0
+        if reset.any():
+            live = np.arange(len(seg)) >= np.array(forget_at, dtype=np.int64)[seg_a]
+            if not live.all():
+                keep = np.flatnonzero(live).tolist()
+                seg_a = seg_a[live]
+                items = [items[j] for j in keep]
+                weights = [weights[j] for j in keep]
+                times = [times[j] for j in keep]
+                hashes = [hashes[j] for j in keep]
 
-        stored = store.get_histories([u for u, p in pending.items() if not p.reset])
-        histories: dict[str, UserHistory] = {}
-        deletes: list[str] = []
-        for user, p in pending.items():
-            if p.reset and not p.items:
-                deletes.append(user)
-                continue
-            base = UserHistory.empty() if p.reset else stored.get(user, UserHistory.empty())
-            update = base.append(p.items, p.weights, p.times, p.hashes,
-                                 max_events=self.config.history_cap)
-            outcome.duplicates += update.duplicates
-            outcome.evicted += update.evicted
-            outcome.applied += len(p.items) - update.duplicates
-            if update.added or p.reset or update.evicted:
-                histories[user] = update.history
+        # Step 4: base histories from the cache or the store, then one append for all users.
+        cache = self._cache(store, model)
+        stored = store.get_histories([u for u, r in zip(users, reset.tolist())
+                                      if not r and u not in cache])
+        bases, base_indices = [], []
+        for user, r in zip(users, reset.tolist()):
+            base, indices = (_EMPTY, _NO_INDICES) if r else cache.get(user, stored)
+            bases.append(base)
+            base_indices.append(indices)
+        fresh = np.array([not r and len(b) == 0 for r, b in zip(reset.tolist(), bases)], dtype=bool)
+        batch = append_histories(
+            bases, base_indices, seg_a, [item.encode("utf-8") for item in items],
+            np.array(weights, dtype=np.float32), np.array(times, dtype=np.float64),
+            np.array(hashes, dtype=np.uint64), model.item_indices(items),
+            max_events=self.config.history_cap)
+        outcome.duplicates = int(batch.duplicates.sum())
+        outcome.evicted = int(batch.evicted.sum())
+        outcome.applied = len(items) - outcome.duplicates
+        counts = np.bincount(seg_a, minlength=len(users))
+        deleted = reset & (counts == 0)
+        changed = ((batch.added > 0) | reset | (batch.evicted > 0)) & ~deleted
+        deletes = [users[u] for u in np.flatnonzero(deleted).tolist()]
+        histories = {users[u]: batch.histories[u] for u in np.flatnonzero(changed).tolist()}
+        indices = {users[u]: batch.extras[u] for u in np.flatnonzero(changed).tolist()}
+        outcome.applied_items = items
+        outcome.new_users = int(np.count_nonzero(fresh & (counts > 0)))
+        outcome.new_user_events = int(counts[fresh].sum()) if len(counts) else 0
+        outcome.previous_vectors = {
+            user: record.vector for user, record in store.get_vectors(histories).items()
+            if record.model_version == model.version
+        }
 
         started = time.perf_counter()
-        users = list(histories)
-        vectors, unknown = model.fold(histories[u] for u in users)
+        vectors, unknown = model.fold_indexed(list(histories.values()), list(indices.values()))
         outcome.fold_seconds = time.perf_counter() - started
         outcome.unknown_item_events = int(unknown.sum())
         processed_at = time.time()
-        records = {
-            user: VectorRecord(
-                vector=vectors[row],
-                model_version=model.version,
-                n_interactions=len(histories[user]),
-                last_event_time=histories[user].last_event_time,
-                processed_at=processed_at,
-            )
-            for row, user in enumerate(users)
-        }
+        records = dict(zip(histories, VectorRecord.many(
+            vectors, model.version, [len(h) for h in histories.values()],
+            [h.last_event_time for h in histories.values()], processed_at)))
         outcome.users_updated = len(records)
         outcome.vectors = records
 
@@ -150,4 +199,81 @@ class PartitionProcessor:
         outcome.outbox = store.commit_batch(histories, records, deletes, outcome.last_offset,
                                             model_version=model.version)
         outcome.write_seconds = time.perf_counter() - started
+        cache.committed(histories, indices, deletes)
         return outcome
+
+    def _cache(self, store: PartitionStore, model: LoadedModel) -> "HistoryCache":
+        cache = self._caches.get(store)
+        if cache is None or cache.model is not model:
+            cache = self._caches[store] = HistoryCache(model, self.cache_events)
+        cache.max_events = self.cache_events // len(self._caches)  # one budget for all partitions
+        return cache
+
+    def forget(self, store: PartitionStore) -> None:
+        """Drop what is cached for ``store`` (call when the store is closed)."""
+        self._caches.pop(store, None)
+
+
+_EMPTY = UserHistory.empty()
+_NO_INDICES = np.empty(0, np.int32)
+
+
+def _frozen_copy(array: np.ndarray) -> np.ndarray:
+    array = array.copy()
+    array.flags.writeable = False
+    return array
+
+
+class HistoryCache:
+    """Histories of recently updated users of ONE partition store, with their item indices.
+
+    A copy of what the store committed (entries are installed only after the WriteBatch
+    that holds them was written), so a user found here needs neither a RocksDB read nor
+    a lookup of every item of its history in the model: an update then costs a few NumPy
+    calls whatever the history's length. Bounded by ``max_events`` cached events; the
+    least recently updated users go first. Tied to one model: the indices are its rows.
+    """
+
+    def __init__(self, model: LoadedModel, max_events: int) -> None:
+        self.model = model
+        self.max_events = max_events
+        # user -> (history columns..., item indices): tuples of bytes and arrays only, which
+        # the garbage collector stops tracking, so a big cache does not slow its passes.
+        self._entries: dict[str, tuple] = {}
+        self._events = 0
+
+    def __contains__(self, user: str) -> bool:
+        return user in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user: str, stored: dict[str, UserHistory]) -> tuple[UserHistory, np.ndarray]:
+        """The cached entry, else the history read from the store (indexed now), else empty."""
+        entry = self._entries.get(user)
+        if entry is not None:
+            return UserHistory._from_columns(*entry[:5]), entry[5]
+        history = stored.get(user)
+        if history is None:
+            return _EMPTY, _NO_INDICES
+        return history, self.model.item_indices(history.item_ids)
+
+    def committed(self, histories: dict[str, UserHistory], indices: dict[str, np.ndarray],
+                  deletes: list[str]) -> None:
+        """Install what a batch wrote (call only after its WriteBatch was written)."""
+        for user in deletes:
+            self._drop(user)
+        for user, history in histories.items():
+            self._drop(user)  # re-inserted last: dict order is update order
+            blob, lengths = history._id_bytes()
+            # Copies: the arrays are views into the whole batch's, which must not be kept.
+            self._entries[user] = (blob, *(_frozen_copy(a) for a in (
+                lengths, history.weights, history.times, history.event_hashes, indices[user])))
+            self._events += len(history) + ENTRY_OVERHEAD_EVENTS
+        while self._events > self.max_events and self._entries:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, user: str) -> None:
+        old = self._entries.pop(user, None)
+        if old is not None:
+            self._events -= len(old[2]) + ENTRY_OVERHEAD_EVENTS

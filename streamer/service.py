@@ -44,6 +44,12 @@ from streamer.store import PartitionStore
 
 log = logging.getLogger(__name__)
 
+# The vector producer: every micro-batch ends in a flush, so batches fill from one
+# micro-batch's vectors (~1.4 KB each at k=64). kafka-python wakes its sender thread and
+# builds one record batch (CRC included) per ``batch_size``: 16 KB batches cost about
+# twice as much per vector as 512 KB ones (bench/bench_stream.py).
+PUBLISHER_SETTINGS = {"batch_size": 512 * 1024}
+
 
 class _AssignmentLog(ConsumerRebalanceListener):
     """Records assignment changes for the main loop; does no work on the network thread."""
@@ -141,7 +147,8 @@ class FoldService:
             **self._consumer_overrides,
         )
         self.consumer.subscribe([k.input_topic], listener=self._assignments)
-        producer = make_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher")
+        producer = make_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher",
+                                 **PUBLISHER_SETTINGS)
         self.publisher = Publisher(producer, k.output_topic, k.dead_letter_topic)
 
     def run(self, max_seconds: float | None = None) -> ServiceStats:
@@ -263,6 +270,7 @@ class FoldService:
     def _close_store(self, tp: TopicPartition) -> None:
         store = self.stores.pop(tp, None)
         if store is not None:
+            self.processor.forget(store)
             store.close()
 
     # -- offsets ---------------------------------------------------------------------

@@ -258,3 +258,84 @@ def test_flipped_bytes_never_crash(kind, data):
         DECODERS[kind](bytes(buf))
     except StoreFormatError:
         pass
+
+
+# ---------------------------------------------------------------- many histories at once
+
+batch_events = st.lists(st.tuples(st.integers(0, 3), ids, weights, times, hashes), max_size=40)
+
+
+@given(st.lists(events, min_size=1, max_size=4), batch_events, st.integers(1, 12))
+def test_append_histories_equals_append_per_history(olds, new, max_events):
+    bases = [build(evs).history for evs in olds]
+    new = [e for e in new if e[0] < len(bases)]
+    # The caller's column: a distinct marker per event, to check it follows its event.
+    base_extras = [np.arange(len(b), dtype=np.int32) + 1000 * u for u, b in enumerate(bases)]
+    seg = np.array([e[0] for e in new], dtype=np.int64)
+    batch = codec.append_histories(
+        bases, base_extras, seg, [e[1].encode() for e in new],
+        np.array([e[2] for e in new], np.float32), np.array([e[3] for e in new], np.float64),
+        np.array([e[4] for e in new], np.uint64), -1 - np.arange(len(new), dtype=np.int32),
+        max_events=max_events)
+    for u, base in enumerate(bases):
+        mine = [(j, e) for j, e in enumerate(new) if e[0] == u]
+        _, items, w, t, h = zip(*[e for _, e in mine]) if mine else ((),) * 5
+        one = base.append(list(items), w, t, h, max_events=max_events)
+        assert batch.histories[u] == one.history
+        assert codec.encode_history(batch.histories[u]) == codec.encode_history(one.history)
+        assert (batch.added[u], batch.duplicates[u], batch.evicted[u]) == (one.added, one.duplicates, one.evicted)
+        # Carry the markers through the reference append as a (hash-free) replay.
+        tagged = [(x, tt) for x, tt in zip(base_extras[u].tolist(), base.times.tolist())]
+        seen = {hh for hh in base.event_hashes.tolist() if hh}
+        for j, e in mine:
+            if e[4] and e[4] in seen:
+                continue
+            seen.add(e[4]) if e[4] else None
+            tagged.append((-1 - j, e[3]))
+        tagged.sort(key=lambda p: p[1])
+        expected = [x for x, _ in tagged[max(0, len(tagged) - max_events):]]
+        assert batch.extras[u].tolist() == expected
+
+
+def test_history_ids_are_decoded_only_when_read_and_match():
+    history = build([("映画", 1.0, 1.0, 0), ("b", 1.0, 2.0, 0), ("", 1.0, 3.0, 0), ("ü-x", 1.0, 4.0, 0)]).history
+    again = codec.decode_history(codec.encode_history(history))
+    assert again.item_ids == ("映画", "b", "", "ü-x")
+    assert again == history and len(again) == 4
+    with pytest.raises(AttributeError):
+        again.weights = np.zeros(4, np.float32)
+
+
+def test_an_id_that_starts_inside_a_character_raises_format_error():
+    buf = bytearray(codec.encode_history(build([("é", 1.0, 1.0, 0), ("a", 1.0, 2.0, 0)]).history))
+    # Lengths 2 and 1 become 1 and 2: the whole is still UTF-8, the first id is not.
+    n_lengths_at = len(buf) - 3 - 8
+    buf[n_lengths_at:n_lengths_at + 8] = np.array([1, 2], "<u4").tobytes()
+    with pytest.raises(StoreFormatError, match="invalid UTF-8"):
+        codec.decode_history(bytes(buf))
+
+
+def test_vector_records_built_many_at_once_equal_one_by_one():
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    many = VectorRecord.many(vectors, "v1", [1, 2, 3], [10.0, math.nan, 12.0], 99.0)
+    for row, record in enumerate(many):
+        one = VectorRecord(vectors[row], "v1", row + 1, [10.0, math.nan, 12.0][row], 99.0)
+        assert record == one
+        assert codec.encode_vector_record(record) == codec.encode_vector_record(one)
+        assert codec.encode_vector_record(record) is codec.encode_vector_record(record)  # kept
+        assert not record.vector.flags.writeable
+    bad = vectors.copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(InvalidRecordError, match="vector must be finite"):
+        VectorRecord.many(bad, "v1", [1, 2, 3], [1.0, 2.0, 3.0], 0.0)
+    with pytest.raises(InvalidRecordError, match="n_interactions must be >= 0"):
+        VectorRecord.many(vectors, "v1", [1, -2, 3], [1.0, 2.0, 3.0], 0.0)
+
+
+def test_history_pickles_and_copies():
+    import copy
+    import pickle
+
+    history = build([("映画", 1.0, 1.0, 5), ("b", 2.0, 2.0, 0)]).history
+    assert pickle.loads(pickle.dumps(history)) == history
+    assert copy.deepcopy(history) == history

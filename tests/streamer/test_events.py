@@ -113,3 +113,19 @@ def test_near_valid_json_is_applied_or_rejected_with_reason(doc):
         assert math.isfinite(out.weight) and out.weight >= 0
     else:
         assert isinstance(out, Rejected) and out.reason in REASONS
+
+
+def test_event_id_that_is_not_unicode_text_is_rejected_not_raised(decoder):
+    # JSON can escape a lone surrogate; hashing it used to raise out of decode().
+    out = decoder.decode(b"u", b'{"user": "u", "item": "i", "event_id": "\\ud800"}', 5)
+    assert isinstance(out, Rejected) and out.reason == "invalid_id" and out.offset == 5
+
+
+def test_common_shape_and_general_path_agree(decoder):
+    # Float ts / float weight take the short path; ints and strings the general one.
+    a = decoder.decode(b"u", enc({"user": "u", "item": "i", "ts": 12.0, "weight": 2.0}), 1)
+    b = decoder.decode(b"u", enc({"user": "u", "item": "i", "ts": 12, "weight": 2}), 1)
+    c = decoder.decode(b"u", enc({"user": "u", "item": "i", "ts": "1970-01-01T00:00:12Z",
+                                  "weight": 2}), 1)
+    assert a == b == c == Interaction("u", "i", 2.0, 12.0, 0, 1)
+    assert decoder.decode(b"u", enc({"user": "u", "item": "i", "ts": None}), 1, 3000).ts == 3.0

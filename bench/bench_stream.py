@@ -1,0 +1,714 @@
+"""End-to-end streaming benchmark: throughput and event-to-published latency of ONE consumer.
+
+``python -m bench.bench_stream`` (about five minutes) or ``--quick`` (a smoke run of seconds).
+
+What runs where (everything on this one machine):
+
+- the broker: the embedded Tansu broker (``streamer.broker.EmbeddedBroker``), a subprocess;
+- the producer: a separate Python process (``python -m bench.bench_stream produce``) that
+  sends the producer-contract JSON of ``streamer.replay.event_messages`` with librdkafka
+  (confluent-kafka), so that the load generator costs the shared CPUs as little as possible;
+- the consumer: THIS process, one :class:`streamer.service.FoldService` (kafka-python
+  consumer + kafka-python producer for the vectors, RocksDB, numba fold-in).
+
+Two measurements, in this order, against one model and one state store:
+
+1. **throughput**: the producer pre-produces a backlog of ``--backlog`` events and exits;
+   then the consumer drains it alone (broker + consumer share the CPUs). Events/s is
+   records consumed over the time from the first record to the last applied and published.
+   The backlog is sized to last at least 60 s at the 50,000 events/s target; the drain is
+   cut at ``--max-seconds`` if it is slower than that.
+2. **latency**: the producer sends the next events at a fixed ``--rate`` (10,000/s) for
+   ``--latency-seconds`` while the consumer runs (broker + producer + consumer share the
+   CPUs). Latency is, per event, the time from the producer's record timestamp (set when
+   the producer hands it to librdkafka) to the moment the vector it produced was
+   acknowledged by the broker (``ServiceStats.latencies_ms``). The first ``--warmup``
+   seconds are not counted.
+
+``--profile`` adds a third, separate drain under a profiler (py-spy when it is on PATH,
+else cProfile) and prints where the consumer's time goes; profiled numbers are not the
+benchmark numbers. Results go to the "stream" section of ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+SESSION = {"session_timeout_ms": 6_000, "heartbeat_interval_ms": 500}
+QUICK_SESSION = {"session_timeout_ms": 2_000, "heartbeat_interval_ms": 100}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    users: int = 100_000
+    items: int = 20_000
+    factors: int = 64
+    train_events: int = 400_000
+    iterations: int = 5
+    activity_exponent: float = 0.8
+    partitions: int = 4
+    backlog: int = 3_200_000
+    max_seconds: float = 150.0
+    rate: float = 10_000.0
+    latency_seconds: float = 60.0
+    warmup: float = 5.0
+    batch_max_records: int | None = None  # None: the ProcessingConfig default
+    batch_max_ms: int | None = None
+    seed: int = 7
+
+
+QUICK = Scenario(users=5_000, items=2_000, factors=64, train_events=40_000, iterations=2,
+                 backlog=40_000, max_seconds=30.0, rate=2_000.0, latency_seconds=3.0,
+                 warmup=1.0)
+
+
+# --------------------------------------------------------------------------- the producer process
+
+
+def produce_main(argv: list[str]) -> int:
+    """``python -m bench.bench_stream produce ...``: send events from an .npz, print a JSON summary."""
+    from confluent_kafka import Producer
+
+    from factors.data import IdIndex, Interactions
+    from streamer.replay import event_messages
+
+    p = argparse.ArgumentParser(prog="bench_stream produce")
+    p.add_argument("--bootstrap", required=True)
+    p.add_argument("--topic", required=True)
+    p.add_argument("--events", type=Path, required=True)
+    p.add_argument("--start", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--rate", type=float, default=None, help="events/s; default: as fast as possible")
+    args = p.parse_args(argv)
+
+    data = np.load(args.events)
+    ids = json.loads(args.events.with_suffix(".ids.json").read_text())
+    sl = slice(args.start, args.start + args.count)
+    inter = Interactions(users=data["users"][sl], items=data["items"][sl],
+                         weights=data["weights"][sl], timestamps=data["timestamps"][sl],
+                         user_ids=IdIndex.from_ids(ids["users"]),
+                         item_ids=IdIndex.from_ids(ids["items"]))
+    paced = args.rate is not None
+    producer = Producer({
+        "bootstrap.servers": args.bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        # Paced: the project's producer default (kafka_io.PRODUCER_DEFAULTS); backlog: big batches.
+        "linger.ms": 5 if paced else 50,
+        "batch.size": 1_000_000,
+        "queue.buffering.max.messages": 1_000_000,
+    })
+    messages = event_messages(inter, id_prefix=f"bench{args.start}")
+    sent = 0
+    started = time.monotonic()
+    cpu0 = time.process_time()
+    tick = 0.001
+    for key, value in messages:
+        if paced and sent % 10 == 0:
+            ahead = sent / args.rate - (time.monotonic() - started)
+            if ahead > tick:
+                producer.poll(0)
+                time.sleep(ahead)
+        while True:
+            try:
+                producer.produce(args.topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        sent += 1
+        if sent % 1000 == 0:
+            producer.poll(0)
+    remaining = producer.flush(60)
+    seconds = time.monotonic() - started
+    print(json.dumps({"sent": sent, "unflushed": remaining, "seconds": seconds,
+                      "cpu_seconds": time.process_time() - cpu0}), flush=True)
+    return 0 if remaining == 0 else 1
+
+
+def start_producer(bootstrap: str, topic: str, events: Path, start: int, count: int,
+                   rate: float | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bench.bench_stream", "produce", "--bootstrap", bootstrap,
+           "--topic", topic, "--events", str(events), "--start", str(start), "--count", str(count)]
+    if rate is not None:
+        cmd += ["--rate", str(rate)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def finish_producer(proc: subprocess.Popen, timeout_s: float = 600) -> dict:
+    out, _ = proc.communicate(timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"producer process failed with status {proc.returncode}: {out[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def build(work: Path, sc: Scenario, say) -> tuple[Path, Path, int]:
+    """Train and promote a model; write the stream events; return (registry, events, n_stream)."""
+    from factors.pipeline import TrainParams, train
+    from factors.synth import SynthParams, generate
+    from streamer.registry import ModelRegistry
+
+    n_stream = sc.backlog + int(sc.rate * (sc.latency_seconds + sc.warmup + 5))
+    started = time.monotonic()
+    inter = generate(SynthParams(users=sc.users, items=sc.items,
+                                 events=sc.train_events + n_stream, seed=sc.seed,
+                                 activity_exponent=sc.activity_exponent))
+    train_part = inter.subset(np.arange(sc.train_events))
+    params = TrainParams(factors=sc.factors, iterations=sc.iterations, seed=sc.seed)
+    result = train(train_part, params)
+    registry = ModelRegistry(work / "models")
+    registry.promote(registry.add(result.artifact(train_part)), reason="bench")
+    stream = inter.subset(np.arange(sc.train_events, len(inter)))
+    events = work / "events.npz"
+    np.savez(events, users=stream.users, items=stream.items, weights=stream.weights,
+             timestamps=stream.timestamps)
+    events.with_suffix(".ids.json").write_text(json.dumps({"users": stream.user_ids.ids,
+                                                           "items": stream.item_ids.ids}))
+    say(f"setup: {len(inter):,} synthetic events ({sc.users:,} users, {sc.items:,} items), "
+        f"model k={sc.factors} trained on the first {sc.train_events:,} "
+        f"in {time.monotonic() - started:.0f}s")
+    return work / "models", events, len(stream)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have used (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by some processes between start() and stop(), in cores (1.0 = one core busy).
+
+    ``other`` is what the rest of the machine used meanwhile: anything but ~0 means the
+    numbers were measured beside someone else's work.
+    """
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.c0 = {name: proc_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.m0 = machine_busy_seconds()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        used = {name: (proc_cpu_seconds(pid) - self.c0[name]) / wall
+                for name, pid in self.pids.items()}
+        used["other"] = max(0.0, (machine_busy_seconds() - self.m0) / wall - sum(used.values()))
+        return used
+
+
+class StageTimer:
+    """Wall time of the stages of ``run_once``, by wrapping the few calls made per batch.
+
+    Costs a handful of calls per micro-batch, so unlike a profiler it does not change the
+    numbers. ``apply`` is split further with the fold and write times each batch reports.
+    """
+
+    STAGES = (("poll", "consumer", "poll"), ("decode", "processor", "decode"),
+              ("apply", "processor", "apply"), ("send_vectors", "publisher", "send_vectors"),
+              ("flush", "publisher", "flush"))
+
+    def __init__(self, service) -> None:
+        self.seconds = {name: 0.0 for name, _, _ in self.STAGES}
+        self.seconds.update(fold=0.0, write=0.0)
+        self._installed = []
+        for name, owner, method in self.STAGES:
+            target = getattr(service, owner)
+            setattr(target, method, self._timed(name, getattr(target, method)))
+            self._installed.append((target, method))
+        self.service = service
+
+    def _timed(self, name, fn):
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - t
+        return timed
+
+    def on_batch(self, outcomes) -> None:
+        for o in outcomes:
+            self.seconds["fold"] += o.fold_seconds
+            self.seconds["write"] += o.write_seconds
+
+    def remove(self) -> None:
+        for target, method in self._installed:
+            delattr(target, method)
+
+
+class GcTimer:
+    """Time spent in the cyclic garbage collector (a gc.callbacks hook)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t = 0.0
+        gc.callbacks.append(self._hook)
+
+    def _hook(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t
+
+    def remove(self) -> None:
+        gc.callbacks.remove(self._hook)
+
+
+def drain(service, total: int, max_seconds: float, say, label: str) -> dict:
+    """Run the service until ``total`` records are consumed; time from the first record."""
+    s = service.stats
+    base = s.consumed
+    while s.consumed == base:  # group join, then the first records
+        service.run_once()
+    timer = StageTimer(service)
+    service.on_batch = lambda _service, outcomes: timer.on_batch(outcomes)
+    gc_pause = GcTimer()
+    cpu0 = time.process_time()
+    first = time.monotonic()
+    base_pub, base_batches, base_users = s.published, s.batches, s.users_updated
+    windows, last_t, last_n = [], first, s.consumed
+    deadline = first + max_seconds
+    while s.consumed - base < total:
+        now = time.monotonic()
+        if now > deadline:
+            say(f"  {label}: stopped at --max-seconds {max_seconds:.0f}")
+            break
+        service.run_once()
+        if now - last_t >= 10:
+            windows.append((s.consumed - last_n) / (now - last_t))
+            last_t, last_n = now, s.consumed
+            say(f"  {label}: {s.consumed - base:,} / {total:,} ({windows[-1]:,.0f}/s)")
+    seconds = time.monotonic() - first
+    cpu = time.process_time() - cpu0
+    timer.remove()
+    gc_pause.remove()
+    service.on_batch = None
+    consumed = s.consumed - base
+    stages = dict(timer.seconds)
+    stages["other"] = seconds - sum(v for k, v in stages.items() if k not in ("fold", "write"))
+    stages["gc"] = gc_pause.seconds  # inside the stages above
+    return {"records": consumed, "seconds": seconds, "events_per_s": consumed / seconds,
+            "cpu_us_per_event": 1e6 * cpu / max(1, consumed),
+            "stage_us_per_event": {k: 1e6 * v / max(1, consumed) for k, v in stages.items()},
+            "vectors": s.published - base_pub, "batches": s.batches - base_batches,
+            "users_updated": s.users_updated - base_users,
+            "window_min": min(windows) if windows else None,
+            "window_max": max(windows) if windows else None}
+
+
+def bare_consumers(bootstrap: str, topic: str, partitions: int, total: int, max_seconds: float,
+                   overrides: dict) -> dict:
+    """Records/s of consumers that only fetch and parse the backlog: the client's ceiling.
+
+    kafka-python with the service's consumer overrides (assign, no group, records dropped),
+    and librdkafka (confluent-kafka) for comparison.
+    """
+    from confluent_kafka import Consumer, TopicPartition as RdTopicPartition
+    from kafka import TopicPartition
+
+    from streamer.kafka_io import make_consumer
+
+    out = {}
+    consumer = make_consumer(bootstrap, None, **overrides)
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+    consumer.seek_to_beginning()
+    n, t0 = 0, time.monotonic()
+    while n < total and time.monotonic() - t0 < max_seconds:
+        for records in consumer.poll(timeout_ms=100, max_records=5000).values():
+            n += len(records)
+    out["kafka_python"] = n / (time.monotonic() - t0)
+    consumer.close()
+    rd = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-bare", "enable.auto.commit": False})
+    rd.assign([RdTopicPartition(topic, p, 0) for p in range(partitions)])
+    n, t0 = 0, time.monotonic()
+    while n < total and time.monotonic() - t0 < max_seconds:
+        n += sum(1 for m in rd.consume(10_000, 0.1) if not m.error())
+    out["librdkafka"] = n / (time.monotonic() - t0)
+    rd.close()
+    return out
+
+
+def crc_implementation() -> str:
+    from kafka.record import util
+
+    return "C (crc32c package)" if util.crc32c_c is not None else "pure Python (no crc32c package)"
+
+
+# --------------------------------------------------------------------------- profiling
+
+# Stages of one run_once, as (label, function name, file suffix): inclusive time.
+STAGES = [
+    ("consumer.poll (kafka-python fetch + record parsing)", "poll", "kafka/consumer/group.py"),
+    ("processor.decode (JSON + validation)", "decode", "streamer/processor.py"),
+    ("processor.apply", "apply", "streamer/processor.py"),
+    ("  store.get_histories (multi-get + decode)", "get_histories", "streamer/store.py"),
+    ("  history append (append_histories)", "append_histories", "streamer/codec.py"),
+    ("  model.fold_indexed (aggregate + numba solve)", "fold_indexed", "streamer/model.py"),
+    ("  store.commit_batch (encode + WriteBatch)", "commit_batch", "streamer/store.py"),
+    ("publisher.send_vectors", "send_vectors", "streamer/publisher.py"),
+    ("  vector_message (JSON of 64 floats)", "vector_message", "streamer/publisher.py"),
+    ("  producer.send (kafka-python)", "send", "kafka/producer/kafka.py"),
+    ("publisher.flush (wait for acks)", "flush", "streamer/publisher.py"),
+    ("store.ack_outbox", "ack_outbox", "streamer/store.py"),
+    ("offset commit", "_commit", "streamer/service.py"),
+    ("CRC32C (kafka-python)", "calc_crc32c", "kafka/record/util.py"),
+]
+
+
+def profile_cprofile(service, total: int, max_seconds: float, say) -> tuple[dict, list[str]]:
+    prof = cProfile.Profile()
+    prof.enable()
+    result = drain(service, total, max_seconds, say, "profile")
+    prof.disable()
+    stats = pstats.Stats(prof)
+    run_once = _cumtime(stats, "run_once", "streamer/service.py")
+    lines = [f"{label:55s} {100 * _cumtime(stats, name, suffix) / run_once:5.1f}%"
+             for label, name, suffix in STAGES]
+    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
+    lines.append("top self time:")
+    for (file, line, name), (_, _, tt, _, _) in top:
+        lines.append(f"  {100 * tt / run_once:5.1f}%  {name} ({_short(file)}:{line})")
+    return result, lines
+
+
+def _cumtime(stats: pstats.Stats, name: str, suffix: str) -> float:
+    return sum(v[3] for (file, _, fn), v in stats.stats.items()
+               if fn == name and file.endswith(suffix))
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "/main/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def profile_pyspy(pyspy: str, service, total: int, max_seconds: float, out: Path,
+                  say) -> tuple[dict, list[str]]:
+    """Sample this process with py-spy (main thread, idle included) during one drain."""
+    raw = out / "pyspy.txt"
+    spy = subprocess.Popen([pyspy, "record", "--pid", str(os.getpid()), "--rate", "250",
+                            "--format", "raw", "--idle", "--threads", "--nonblocking",
+                            "--output", str(raw)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        result = drain(service, total, max_seconds, say, "profile")
+    finally:
+        spy.send_signal(2)
+        spy.wait(30)
+    if not raw.exists():
+        return result, [f"py-spy wrote no samples (is ptrace allowed?): exit status {spy.returncode}"]
+    return result, summarize_collapsed(raw.read_text())
+
+
+def summarize_collapsed(text: str) -> list[str]:
+    """Inclusive share of each stage, and the top leaf frames, of the run_once samples."""
+    stacks = []
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "FoldService.run_once (" in stack:
+            stacks.append((stack.split(";"), int(count)))
+    total = sum(c for _, c in stacks) or 1
+
+    def matches(frame: str, name: str, suffix: str) -> bool:
+        function, _, where = frame.partition(" (")
+        return function.rpartition(".")[2] == name and where.startswith(suffix)
+
+    lines = []
+    for label, name, suffix in STAGES:
+        n = sum(c for frames, c in stacks if any(matches(f, name, suffix) for f in frames))
+        lines.append(f"{label:55s} {100 * n / total:5.1f}%")
+    leaves: dict[str, int] = {}
+    for frames, c in stacks:
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + c
+    lines.append(f"top leaf frames (of {total} samples in FoldService.run_once):")
+    for frame, c in sorted(leaves.items(), key=lambda kv: kv[1], reverse=True)[:15]:
+        lines.append(f"  {100 * c / total:5.1f}%  {frame}")
+    return lines
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bool,
+        consumer_overrides: dict, say=print) -> dict:
+    from streamer.broker import EmbeddedBroker
+    from streamer.config import AppConfig
+    from streamer.service import FoldService
+    from streamer.topics import ensure_topics
+
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    results: dict = {"scenario": asdict(sc), "crc32c": crc_implementation(),
+                     "consumer_overrides": consumer_overrides}
+    say(f"bench_stream: workdir {work}; kafka-python CRC32C: {results['crc32c']}")
+    try:
+        registry, events, n_stream = build(work, sc, say)
+        with EmbeddedBroker(work / "broker") as broker:
+            processing = {k: v for k, v in (("batch_max_records", sc.batch_max_records),
+                                            ("batch_max_ms", sc.batch_max_ms)) if v is not None}
+            config = AppConfig().replace(
+                kafka={"bootstrap_servers": broker.bootstrap, "input_partitions": sc.partitions,
+                       **(QUICK_SESSION if quick else SESSION)},
+                processing=processing,
+                store={"state_dir": work / "state"},
+                model={"registry_dir": registry},
+                metrics={"port": 0},
+            )
+            results["processing"] = asdict(config.processing)
+            ensure_topics(config.kafka)
+            topic = config.kafka.input_topic
+
+            # 1. throughput: pre-produce the backlog, then drain it with nothing else running.
+            t = time.monotonic()
+            produced = finish_producer(start_producer(broker.bootstrap, topic, events, 0,
+                                                      sc.backlog, None))
+            say(f"throughput: pre-produced {produced['sent']:,} events in "
+                f"{time.monotonic() - t:.0f}s (separate process, librdkafka)")
+            bare = bare_consumers(broker.bootstrap, topic, sc.partitions, sc.backlog,
+                                  min(30.0, sc.max_seconds), consumer_overrides)
+            results["bare"] = bare
+            say(f"ceiling: a bare consumer that only fetches and parses: kafka-python "
+                f"{bare['kafka_python']:,.0f} records/s, librdkafka {bare['librdkafka']:,.0f} records/s")
+            service = FoldService(config, consumer_overrides=consumer_overrides)
+            _warm(service)
+            service.start()
+            gc.collect()
+            meter = CpuMeter(consumer=os.getpid(), broker=broker.pid)
+            meter.start()
+            tput = drain(service, sc.backlog, sc.max_seconds, say, "throughput")
+            tput["cpu"] = meter.stop()
+            results["throughput"] = tput
+            say(f"throughput: {tput['records']:,} events in {tput['seconds']:.1f}s = "
+                f"{tput['events_per_s']:,.0f} events/s; {tput['vectors']:,} vectors published "
+                f"({tput['vectors'] / max(1, tput['records']):.2f} per event) in "
+                f"{tput['batches']:,} batches; CPU cores used: " + _cpu(tput["cpu"]))
+            say(f"throughput: consumer CPU {tput['cpu_us_per_event']:.1f} us/event; wall us/event by "
+                f"stage: {_stages(tput)}")
+            offset = sc.backlog
+            if tput["records"] < sc.backlog:  # cut by --max-seconds: skip the rest of the backlog
+                _skip_backlog(service)
+
+            # 2. latency at a fixed offered rate, the producer running beside the consumer.
+            count = int(sc.rate * (sc.latency_seconds + sc.warmup))
+            if sc.latency_seconds > 0:
+                proc = start_producer(broker.bootstrap, topic, events, offset, count, sc.rate)
+                meter = CpuMeter(consumer=os.getpid(), broker=broker.pid, producer=proc.pid)
+                lat = _latency(service, proc, count, sc, meter, say)
+                results["latency"] = lat
+                say(f"latency at {sc.rate:,.0f} events/s offered: p50 {lat['p50_ms']:.1f} ms, "
+                    f"p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max "
+                    f"{lat['max_ms']:.1f} ms over {lat['events']:,} events; consumed "
+                    f"{lat['consumed_per_s']:,.0f}/s; CPU cores used: " + _cpu(lat["cpu"]))
+            offset += count
+
+            # 3. optional: a separate, profiled drain (numbers inflated; not the result).
+            if profile:
+                n = min(n_stream - offset, max(sc.backlog // 4, 10_000))
+                finish_producer(start_producer(broker.bootstrap, topic, events, offset, n, None))
+                pyspy = shutil.which("py-spy") if profile in ("auto", "py-spy") else None
+                limit = min(sc.max_seconds, 30.0)
+                if pyspy:
+                    prof, lines = profile_pyspy(pyspy, service, n, limit, work, say)
+                    tool = "py-spy (sampling, main thread incl. idle)"
+                else:
+                    prof, lines = profile_cprofile(service, n, limit, say)
+                    tool = "cProfile (deterministic; inflates Python-heavy stages)"
+                results["profile"] = {"tool": tool, "events_per_s": prof["events_per_s"],
+                                      "lines": lines}
+                say(f"profile: {tool}, {prof['events_per_s']:,.0f} events/s under the profiler")
+                for line in lines:
+                    say("  " + line)
+            service.close()
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if write and "latency" in results:
+        from bench.report import write_section
+
+        write_section("stream", markdown(results, quick))
+    return results
+
+
+def _warm(service) -> None:
+    """Load the numba kernels before the clock starts (they are cached on disk)."""
+    from streamer.codec import UserHistory
+
+    item = next(iter(service.model.item_index))
+    service.model.fold([UserHistory.empty().append([item], [1.0], [0.0], max_events=1).history])
+
+
+def _skip_backlog(service) -> None:
+    """Seek every partition to its high watermark: the rest of a cut backlog is not applied."""
+    for tp in service.consumer.assignment():
+        end = service.consumer.highwater(tp)
+        if end is not None:
+            service.consumer.seek(tp, end)
+
+
+def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> dict:
+    s = service.stats
+    base = s.consumed
+    started = time.monotonic()
+    measuring = False
+    measured_from = None
+    while s.consumed - base < count:
+        service.run_once()
+        now = time.monotonic()
+        if not measuring and now - started >= sc.warmup:
+            s.latencies_ms.clear()
+            measuring, measured_from = True, (now, s.consumed)
+            meter.start()
+        if now - started > sc.latency_seconds + sc.warmup + 30:
+            say("  latency: the consumer cannot keep up; stopped 30 s after the producer's end")
+            break
+    cpu = meter.stop()
+    kept_up = s.consumed - base >= count
+    summary = finish_producer(proc)
+    values = np.concatenate(s.latencies_ms) if s.latencies_ms else np.array([np.nan])
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    t0, n0 = measured_from
+    return {"rate": sc.rate, "events": int(values.size), "p50_ms": float(p50),
+            "p95_ms": float(p95), "p99_ms": float(p99), "max_ms": float(values.max()),
+            "consumed_per_s": (s.consumed - n0) / (time.monotonic() - t0),
+            "producer_achieved_per_s": summary["sent"] / summary["seconds"], "cpu": cpu,
+            "kept_up": kept_up}
+
+
+def _stages(t: dict) -> str:
+    st = t["stage_us_per_event"]
+    return (f"poll {st['poll']:.1f}, decode {st['decode']:.1f}, apply {st['apply']:.1f} "
+            f"(fold {st['fold']:.1f}, write {st['write']:.1f}), send_vectors {st['send_vectors']:.1f}, "
+            f"flush {st['flush']:.1f}, other {st['other']:.1f}; of all these, garbage collection "
+            f"{st['gc']:.1f}")
+
+
+def _cpu(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{name} {share:.2f}" for name, share in cpu.items())
+
+
+def markdown(r: dict, quick: bool) -> str:
+    sc, t, lat = r["scenario"], r["throughput"], r["latency"]
+    lines = [
+        "## stream: one consumer process, Kafka -> fold-in -> RocksDB -> published vectors",
+        "",
+        *(["**QUICK smoke run: sizes too small for the targets; not a result.**", ""] if quick else []),
+        f"`python -m bench.bench_stream{' --quick' if quick else ''}`. Embedded Tansu broker, "
+        f"producer in its own process (librdkafka), ONE consumer process (`FoldService`); all "
+        f"on this machine ({os.cpu_count()} cores shared). Synthetic log: {sc['users']:,} users "
+        f"(Zipf activity {sc['activity_exponent']}), {sc['items']:,} items, k={sc['factors']}, "
+        f"{sc['partitions']} input partitions; batch_max_records="
+        f"{r['processing']['batch_max_records']}, batch_max_ms={r['processing']['batch_max_ms']}. "
+        f"kafka-python CRC32C: {r['crc32c']}.",
+        "",
+        "| measurement | value | target |",
+        "|---|---|---|",
+        f"| throughput, draining a pre-produced backlog | **{t['events_per_s']:,.0f} events/s** "
+        f"({t['records']:,} events in {t['seconds']:.1f} s; 10-s windows "
+        f"{_fmt(t['window_min'])}..{_fmt(t['window_max'])}/s) | >= 50,000 |",
+        f"| ceiling: bare consumer, fetch + parse only | kafka-python "
+        f"{r['bare']['kafka_python']:,.0f} records/s; librdkafka {r['bare']['librdkafka']:,.0f} "
+        f"records/s | |",
+        f"| vectors published while draining | {t['vectors']:,} "
+        f"({t['vectors'] / max(1, t['records']):.2f} per event, {t['batches']:,} batches) | |",
+        f"| latency at {lat['rate']:,.0f} events/s offered, p50 / p95 / p99 | "
+        f"**{lat['p50_ms']:.1f} / {lat['p95_ms']:.1f} / {lat['p99_ms']:.1f} ms** "
+        f"(max {lat['max_ms']:.1f}; {lat['events']:,} events"
+        f"{'' if lat['kept_up'] else '; DID NOT KEEP UP, consumed %.0f/s' % lat['consumed_per_s']}"
+        f") | p99 < 100 ms |",
+        f"| consumer CPU per event while draining | {t['cpu_us_per_event']:.1f} us | |",
+        f"| wall time per event by stage (us) | {_stages(t)} | |",
+        f"| CPU cores used while draining | {_cpu(t['cpu'])} | |",
+        f"| CPU cores used at {lat['rate']:,.0f}/s | {_cpu(lat['cpu'])} | |",
+    ]
+    lines += [
+        "",
+        "Stages: `poll` is kafka-python fetching and parsing records (CRC32C of each batch "
+        "included); `send_vectors` is formatting each vector's JSON (64 float reprs) and "
+        "kafka-python's `producer.send`, with the producer's sender thread building and "
+        "checksumming the record batches under the same GIL; `apply` is history append, "
+        "fold-in and the RocksDB write. `other` in the CPU rows is load from processes that "
+        "are not part of the benchmark.",
+    ]
+    if "profile" in r:
+        p = r["profile"]
+        lines += ["", f"Where the consumer's time goes ({p['tool']}; "
+                  f"{p['events_per_s']:,.0f} events/s while profiled), share of `run_once`:",
+                  "", "```", *p["lines"], "```"]
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["produce"]:
+        return produce_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m bench.bench_stream", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    p.add_argument("--backlog", type=int, help="events pre-produced for the throughput run")
+    p.add_argument("--max-seconds", type=float, help="cut the throughput drain after this long")
+    p.add_argument("--rate", type=float, help="offered events/s for the latency run")
+    p.add_argument("--latency-seconds", type=float, help="measured length of the latency run")
+    p.add_argument("--users", type=int)
+    p.add_argument("--items", type=int)
+    p.add_argument("--batch-max-records", type=int)
+    p.add_argument("--batch-max-ms", type=int)
+    p.add_argument("--consumer", action="append", default=[], metavar="KEY=JSON",
+                   help="kafka-python consumer override, e.g. --consumer fetch_min_bytes=65536")
+    p.add_argument("--profile", nargs="?", const="auto", choices=["auto", "py-spy", "cprofile"],
+                   help="add a profiled drain (py-spy when on PATH, else cProfile)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
+    args = p.parse_args(argv)
+    sc = QUICK if args.quick else Scenario()
+    changes = {name: getattr(args, name) for name in
+               ("backlog", "max_seconds", "rate", "latency_seconds", "users", "items",
+                "batch_max_records", "batch_max_ms") if getattr(args, name) is not None}
+    sc = replace(sc, **changes)
+    overrides = {}
+    for item in args.consumer:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    run(sc, quick=args.quick, profile=args.profile, keep=args.keep, write=not args.no_write,
+        consumer_overrides=overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""PartitionProcessor on a real store, without Kafka: the history cache changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamer.config import ProcessingConfig
+from streamer.model import LoadedModel
+from streamer.processor import PartitionProcessor, RawRecord
+from streamer.registry import ModelRegistry
+from streamer.store import PartitionStore
+
+
+def records(synthetic_log, count: int, seed: int) -> list[RawRecord]:
+    """Events of the log with the awkward cases mixed in: re-sent event ids, late events,
+    forgets (tombstones) and a few malformed records, at offsets 0..n-1."""
+    rng = np.random.default_rng(seed)
+    users, items = synthetic_log.user_ids.ids, synthetic_log.item_ids.ids
+    rows = rng.integers(0, len(synthetic_log), count)
+    out = []
+    for offset, row in enumerate(rows.tolist()):
+        user = users[synthetic_log.users[row]]
+        kind = rng.random()
+        if kind < 0.03:
+            out.append(RawRecord(offset, user.encode(), None, 1000 + offset))
+            continue
+        if kind < 0.04:
+            out.append(RawRecord(offset, user.encode(), b"{not json", 1000 + offset))
+            continue
+        ts = float(synthetic_log.timestamps[row]) + (-5e5 if kind < 0.1 else 0.0)  # some late
+        doc = {"user": user, "item": items[synthetic_log.items[row]], "ts": ts,
+               "weight": float(synthetic_log.weights[row])}
+        if kind > 0.5:
+            doc["event_id"] = f"e{row % 500}"  # ids repeat: duplicates
+        out.append(RawRecord(offset, user.encode(), json.dumps(doc).encode(), 1000 + offset))
+    return out
+
+
+def run(processor, store, model, recs, batch: int) -> list:
+    outcomes = []
+    for start in range(0, len(recs), batch):
+        decoded, outcome = processor.decode(store, recs[start:start + batch])
+        outcomes.append(processor.apply(store, decoded, outcome, model))
+    return outcomes
+
+
+def contents(store) -> tuple[dict, dict]:
+    histories = {u: h for u, h in store.iter_users()}
+    vectors = {u: (r.vector.tobytes(), r.n_interactions, r.last_event_time) for u, r in store.iter_vectors()}
+    return histories, vectors
+
+
+@pytest.mark.parametrize("cap", [4, 1000])
+def test_cached_histories_give_the_same_state_as_reading_the_store(tmp_path, synthetic_log,
+                                                                   trained_registry, cap):
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    config = ProcessingConfig(history_cap=cap)
+    recs = records(synthetic_log, 3000, seed=cap)
+    cached, uncached = PartitionProcessor(config), PartitionProcessor(config, cache_events=0)
+    with PartitionStore.open(tmp_path / "a", "t", 0) as a, PartitionStore.open(tmp_path / "b", "t", 0) as b:
+        out_a = run(cached, a, model, recs, batch=97)
+        out_b = run(uncached, b, model, recs, batch=97)
+        assert contents(a) == contents(b)
+        assert len(cached._caches[a]) > 0 and len(uncached._caches[b]) == 0
+        for x, y in zip(out_a, out_b):
+            assert (x.applied, x.duplicates, x.evicted, x.forgotten, x.users_updated,
+                    x.unknown_item_events, len(x.rejected)) == \
+                   (y.applied, y.duplicates, y.evicted, y.forgotten, y.users_updated,
+                    y.unknown_item_events, len(y.rejected))
+        assert sum(o.duplicates for o in out_a) > 0 and sum(o.forgotten for o in out_a) > 0
+
+        # Every stored vector is the reference fold of the stored history (per-item lookups).
+        histories, vectors = contents(a)
+        users = sorted(histories)
+        reference, _ = model.fold([histories[u] for u in users])
+        for row, user in enumerate(users):
+            assert vectors[user][0] == reference[row].tobytes()
+
+        # Cached columns own their memory: a view would keep a whole batch's arrays alive.
+        for entry in cached._caches[a]._entries.values():
+            assert all(column.base is None for column in entry[1:])
+
+        cached.forget(a)
+        assert a not in cached._caches
+
+
+def test_the_cache_keeps_to_its_bound_and_is_tied_to_one_model(tmp_path, synthetic_log,
+                                                               trained_registry):
+    registry = ModelRegistry(trained_registry)
+    model = LoadedModel(registry.load())
+    processor = PartitionProcessor(ProcessingConfig(), cache_events=200)
+    recs = records(synthetic_log, 1510, seed=1)
+    with PartitionStore.open(tmp_path, "t", 0) as store:
+        run(processor, store, model, recs[:1500], batch=100)
+        cache = processor._caches[store]
+        assert 0 < cache._events <= 200
+        other = LoadedModel(registry.load())  # same version, another object: indices redone
+        run(processor, store, other, recs[1500:], batch=10)
+        assert processor._caches[store] is not cache
+        assert processor._caches[store].model is other
