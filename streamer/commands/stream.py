@@ -13,7 +13,12 @@ from pathlib import Path
 from factors.data import read_interactions
 from streamer.broker import serve_forever
 from streamer.config import AppConfig, load_config
+from prometheus_client import start_http_server
+
 from streamer.kafka_io import make_producer
+from streamer.metrics import Metrics
+from streamer.monitor import ServiceMonitor
+from streamer.observer import ServiceObserver
 from streamer.progress import ProgressLine
 from streamer.publisher import vector_message
 from streamer.reader import StoreReader
@@ -103,14 +108,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_topics(config.kafka)
     bar = ProgressLine("run", stream=sys.stderr)
+    metrics = Metrics()
+    observer = ServiceObserver(metrics)
+    if config.metrics.port:
+        start_http_server(config.metrics.port, addr=config.metrics.host, registry=metrics.registry)
+        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics",
+                                         config.metrics.host, config.metrics.port)
+    monitor = ServiceMonitor(observer)
 
     def on_batch(service: FoldService, outcomes) -> None:
+        monitor.after_batch(service, outcomes)
         if not args.quiet:
             s = service.stats
             bar.update(s.applied, f"applied; published={s.published} "
                        f"dead-lettered={s.dead_lettered} partitions={len(service.stores)}")
 
     service = FoldService(config, on_batch=on_batch)
+    monitor.model_loaded(service)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.stop())
     stats = service.run()
