@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from confluent_kafka import Consumer as RdKafkaConsumer
 from confluent_kafka import TopicPartition as RdTopicPartition
 
