@@ -31,6 +31,7 @@ __all__ = [
     "solve_rows_cg",
     "solve_rows_cholesky",
     "solve_rows_exact",
+    "solve_rows_exact_serial",
     "weighted_loss",
     "whiten",
 ]
