@@ -606,10 +606,15 @@ def _check_number(name: str, value, expected: str, ok) -> None:
 
 
 def scale_weights(r: np.ndarray, params: ConfidenceParams) -> np.ndarray:
-    """``alpha * f(r)`` as float32: the kernels' ``s = c - 1`` for aggregated weights ``r``."""
+    """``alpha * f(r)`` as float32: the kernels' ``s = c - 1`` for aggregated weights ``r``.
+
+    Computed in float64 and rounded once; values that overflow float32 come back as inf
+    (callers decide whether that is a data or a fitting error).
+    """
     r = np.asarray(r, dtype=np.float64)
     f = r if params.scaling == "identity" else np.log1p(r / params.epsilon)
-    return (params.alpha * f).astype(np.float32)
+    with np.errstate(over="ignore"):
+        return (params.alpha * f).astype(np.float32)
 
 
 def decay_weights(weights, timestamps, half_life_seconds, now) -> np.ndarray:

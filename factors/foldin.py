@@ -16,6 +16,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from factors import kernels
+from factors.data import ConfidenceParams, scale_weights
 from factors.errors import ConfigError, DataError
 
 __all__ = ["SCALINGS", "FoldIn", "confidence", "validate_confidence_params"]
@@ -58,10 +59,7 @@ def confidence(
     float32 array of the shape of ``weights``. Entries that overflow float32 come back
     as inf; callers decide whether that is a data or a fitting error.
     """
-    r = np.asarray(weights, dtype=np.float64)
-    f = np.log1p(r / epsilon) if scaling == "log" else r
-    with np.errstate(over="ignore"):
-        return (alpha * f).astype(np.float32)
+    return scale_weights(weights, ConfidenceParams(alpha=alpha, scaling=scaling, epsilon=epsilon))
 
 
 class FoldIn:
