@@ -8,7 +8,7 @@ compose :mod:`factors.data`, :mod:`factors.als`, :mod:`factors.foldin` and
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -66,6 +66,15 @@ class TrainParams:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "TrainParams":
+        """The parameters a model was trained with, from its ``model.json`` ``params``.
+
+        Keys this version does not know (written by a newer one) are ignored.
+        """
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in known})
 
 
 @dataclass

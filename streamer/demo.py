@@ -200,8 +200,7 @@ def _stream(config: AppConfig, inter: Interactions, params: DemoParams, say) -> 
 def _verify(config: AppConfig, registry: ModelRegistry, inter: Interactions,
             params: DemoParams) -> dict:
     active = registry.load()
-    tp = TrainParams(**{k: v for k, v in active.artifact.params.items()
-                        if k in TrainParams.__dataclass_fields__})
+    tp = TrainParams.from_dict(active.artifact.params)
     rng = np.random.default_rng(params.seed)
     n_users = len(inter.user_ids)
     sample = rng.choice(n_users, size=min(params.verify_sample, n_users), replace=False)

@@ -18,8 +18,7 @@ class LoadedModel:
     def __init__(self, active: ActiveModel) -> None:
         artifact = active.artifact
         self.version = active.version
-        self.params = TrainParams(**{k: v for k, v in artifact.params.items()
-                                     if k in TrainParams.__dataclass_fields__})
+        self.params = TrainParams.from_dict(artifact.params)
         self.item_index = {item: i for i, item in enumerate(artifact.item_ids)}
         self.item_factors = artifact.item_factors
         self.solver = FoldIn(artifact.item_factors, self.params.regularization, self.params.alpha,

@@ -83,8 +83,7 @@ def retrain_once(config: AppConfig, trigger: str = "manual") -> RetrainRecord:
     try:
         current = registry.load()
         record.current_version = current.version
-        params = TrainParams(**{k: v for k, v in current.artifact.params.items()
-                                if k in TrainParams.__dataclass_fields__})
+        params = TrainParams.from_dict(current.artifact.params)
         inter = load_histories(config.store.state_dir, config.kafka.input_topic)
         record.events, record.users, record.items = (len(inter), len(inter.user_ids),
                                                      len(inter.item_ids))

@@ -145,8 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_foldin(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    params = TrainParams(**{k: v for k, v in model.params.items()
-                            if k in TrainParams.__dataclass_fields__})
+    params = TrainParams.from_dict(model.params)
     inter = load_input(args)
     vectors, unknown = fold_in_users(model.item_factors, model.item_ids, params, inter)
     out = ModelArtifact(

@@ -78,3 +78,8 @@ def test_artifact_records_training_events_per_item(log):
     counts = dict(zip(art.item_ids, art.metrics["item_counts"]))
     for item in art.item_ids[:10]:
         assert counts[item] == int(np.sum(log.items == log.item_ids.index(item)))
+
+
+def test_train_params_round_trip_through_a_model_dict_ignoring_unknown_keys():
+    params = TrainParams(factors=7, solver="cholesky", half_life_seconds=60.0)
+    assert TrainParams.from_dict({**params.as_dict(), "added_by_a_newer_version": 1}) == params

@@ -90,8 +90,7 @@ def offline_vectors(registry_dir: Path, events: list[dict]) -> dict[str, np.ndar
         timestamps=np.array([e["ts"] for e in events], dtype=np.float64),
         user_ids=users, item_ids=items,
     )
-    params = TrainParams(**{k: v for k, v in artifact.params.items()
-                            if k in TrainParams.__dataclass_fields__})
+    params = TrainParams.from_dict(artifact.params)
     vectors, _ = fold_in_users(artifact.item_factors, artifact.item_ids, params, inter)
     return {users.id_of(row): vectors[row] for row in range(len(users))}
 
