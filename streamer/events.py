@@ -22,6 +22,8 @@ import math
 from datetime import datetime, timezone
 from typing import NamedTuple
 
+import orjson
+
 from streamer.codec import event_id_hash
 from streamer.config import ProcessingConfig
 from streamer.errors import InvalidRecordError
@@ -93,7 +95,6 @@ class EventDecoder:
     def __init__(self, config: ProcessingConfig) -> None:
         self.config = config
         self._event_weights = dict(config.event_weights)
-        self._json = json.JSONDecoder(parse_constant=_reject_constant)
 
     def decode(self, key: bytes | None, value: bytes | None, offset: int,
                broker_ts_ms: int | None = None) -> Decoded:
@@ -109,13 +110,19 @@ class EventDecoder:
                 return Rejected("invalid_id", problem, offset)
             return Forget(key_text, offset)
         try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return Rejected("invalid_utf8", f"value is not UTF-8: {exc}", offset)
-        try:
-            doc = self._json.decode(text)
-        except (ValueError, RecursionError) as exc:
-            return Rejected("invalid_json", f"value is not JSON: {exc}", offset)
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            # orjson refuses more than the stdlib does (numbers that overflow a double,
+            # lone surrogate escapes): the stdlib decides, so that the reason is the same
+            # as it always was; only bad records take this path.
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return Rejected("invalid_utf8", f"value is not UTF-8: {exc}", offset)
+            try:
+                doc = _STDLIB_JSON.decode(text)
+            except (ValueError, RecursionError) as exc:
+                return Rejected("invalid_json", f"value is not JSON: {exc}", offset)
         if not isinstance(doc, dict):
             return Rejected("not_an_object", f"value must be a JSON object, got "
                             f"{type(doc).__name__}", offset)
@@ -202,3 +209,6 @@ class EventDecoder:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_STDLIB_JSON = json.JSONDecoder(parse_constant=_reject_constant)

@@ -6,6 +6,7 @@ Consumers hand out raw bytes (no deserializers): validation happens once, in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -19,6 +20,19 @@ PRODUCER_DEFAULTS: Mapping[str, Any] = {
     "acks": "all",
     "enable_idempotence": True,  # set explicitly, so a conflicting override raises instead of silently dropping it
     "linger_ms": 5,
+}
+
+# librdkafka settings of the vector publisher. Idempotence implies acks=all and ordered,
+# de-duplicated retries per partition. Every micro-batch ends in a flush, so a short
+# linger only groups one batch's vectors; the queue holds several large batches.
+VECTOR_PRODUCER_DEFAULTS: Mapping[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 2,
+    "batch.size": 1_000_000,
+    "queue.buffering.max.messages": 500_000,
+    "queue.buffering.max.kbytes": 512 * 1024,
+    "message.timeout.ms": 120_000,
 }
 
 CONSUMER_DEFAULTS: Mapping[str, Any] = {
@@ -95,6 +109,23 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     ``overrides`` are KafkaProducer keyword arguments and win over the defaults.
     """
     return KafkaProducer(bootstrap_servers=bootstrap, **{**PRODUCER_DEFAULTS, **overrides})
+
+
+def make_vector_producer(bootstrap: str, client_id: str, **overrides: Any):
+    """The librdkafka (``confluent_kafka.Producer``) producer that publishes vectors.
+
+    ``overrides`` are librdkafka configuration properties (dotted names) and win over
+    :data:`VECTOR_PRODUCER_DEFAULTS`; a fatal producer error is logged by librdkafka and
+    surfaces as failed deliveries in :meth:`streamer.publisher.Publisher.flush`.
+    """
+    from confluent_kafka import Producer
+
+    config = {**VECTOR_PRODUCER_DEFAULTS, **overrides,
+              "bootstrap.servers": bootstrap, "client.id": client_id}
+    return Producer(config, logger=_RDKAFKA_LOG)
+
+
+_RDKAFKA_LOG = logging.getLogger("streamer.librdkafka")
 
 
 def make_consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> KafkaConsumer:

@@ -35,7 +35,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import AppConfig
-from streamer.kafka_io import make_consumer, make_producer
+from streamer.kafka_io import make_consumer, make_vector_producer
 from streamer.model import LoadedModel
 from streamer.processor import BatchOutcome, PartitionProcessor, RawRecord
 from streamer.publisher import Publisher
@@ -43,12 +43,6 @@ from streamer.registry import ModelRegistry
 from streamer.store import PartitionStore
 
 log = logging.getLogger(__name__)
-
-# The vector producer: every micro-batch ends in a flush, so batches fill from one
-# micro-batch's vectors (~1.4 KB each at k=64). kafka-python wakes its sender thread and
-# builds one record batch (CRC included) per ``batch_size``: with its 16 KB default a
-# vector cost 60 us to send, with 512 KB 30 us (measured with the crc32c package).
-PUBLISHER_SETTINGS = {"batch_size": 512 * 1024}
 
 
 class _AssignmentLog(ConsumerRebalanceListener):
@@ -147,8 +141,7 @@ class FoldService:
             **self._consumer_overrides,
         )
         self.consumer.subscribe([k.input_topic], listener=self._assignments)
-        producer = make_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher",
-                                 **PUBLISHER_SETTINGS)
+        producer = make_vector_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher")
         self.publisher = Publisher(producer, k.output_topic, k.dead_letter_topic)
 
     def run(self, max_seconds: float | None = None) -> ServiceStats:
@@ -172,7 +165,7 @@ class FoldService:
             self._close_store(tp)
         if self.publisher is not None:
             try:
-                self.publisher.producer.close(timeout=5)
+                self.publisher.close(timeout_s=5)
             except Exception:  # noqa: BLE001 - closing is best effort
                 log.exception("closing the producer failed")
             self.publisher = None
