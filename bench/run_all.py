@@ -9,6 +9,7 @@ Examples::
 
     python -m bench.run_all                 # full sizes, every benchmark
     python -m bench.run_all --skip stream   # everything but bench_stream
+    python -m bench.run_all --skip soak     # everything but the 10-minute soak
     python -m bench.run_all --quick         # smoke run, writes nothing by default
 """
 
@@ -26,10 +27,12 @@ REPO = BENCH.parent
 
 
 def discover() -> list[str]:
-    """Benchmark module names in ``bench/``, the factors ones first, then the rest by name."""
+    """Benchmark module names in ``bench/``: the factors ones first, the rest by name, the
+    soak (the longest, about 12 minutes) last."""
     names = sorted(p.stem for p in BENCH.glob("bench_*.py"))
     first = [n for n in ("bench_foldin", "bench_als", "bench_quality") if n in names]
-    return first + [n for n in names if n not in first]
+    last = [n for n in ("bench_soak",) if n in names]
+    return first + [n for n in names if n not in first and n not in last] + last
 
 
 def _short(name: str) -> str:

@@ -4,8 +4,9 @@ The oracle is recomputed from scratch, sharing nothing with the consumer but the
 and the history rules:
 
 1. read every record of the input topic (up to each partition's applied offset, as stored)
-   and decode it; rebuild each user's expected history in offset order (dedupe by event
-   id, the history cap, forgets);
+   or every row of a CSV log (:class:`CsvSource`: partitions as the producer assigns them,
+   every row taken as applied) and decode it; rebuild each user's expected history in
+   offset order (dedupe by event id, the history cap, forgets);
 2. fold each expected history in against the model version the store says it is on;
 3. compare with the store (history events exactly, vector within a float32 tolerance,
    model version) and with the newest message per key on the output topic (bit-exact
@@ -20,11 +21,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, NamedTuple
 
 import numpy as np
 from kafka import TopicPartition
+from kafka.partitioner.default import murmur2
 
+from factors.data import read_interactions
+from factors.errors import DataError
 from streamer.codec import UserHistory
 from streamer.config import AppConfig
 from streamer.events import EventDecoder, Forget, Interaction
@@ -32,6 +37,7 @@ from streamer.kafka_io import make_consumer
 from streamer.model import LoadedModel
 from streamer.registry import ModelRegistry
 from streamer.reader import snapshot
+from streamer.replay import event_messages, log_fingerprint
 
 VECTOR_RTOL = 1e-5
 VECTOR_ATOL = 1e-6
@@ -104,6 +110,58 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> dict[int,
         consumer.close()
 
 
+class CsvRecord(NamedTuple):
+    """A CSV row as the Kafka record ``foldstream produce`` made of it (what replay needs)."""
+
+    offset: int
+    key: bytes
+    value: bytes
+    timestamp: int | None
+
+
+@dataclass(frozen=True)
+class CsvSource:
+    """The input as the CSV log given to ``foldstream produce --interactions``, not the topic.
+
+    A CSV has no partitions and no offsets; they are derived the way ``produce`` sends it:
+
+    1. the rows become producer-contract messages with :func:`streamer.replay.event_messages`,
+       in its order (time order, stable, rows without a timestamp last) and with its event
+       ids, ``f"{log_fingerprint(csv)}-{row}"`` (``row``: 0-based data row in file order),
+       or none when ``event_ids`` is False (``produce --no-event-ids``);
+    2. each message goes to partition ``murmur2(key) & 0x7fffffff % kafka.input_partitions``,
+       kafka-python's default partitioner, the one the producer uses; per partition the
+       rows keep the order of step 1, as the broker appended them;
+    3. every row counts as applied whatever offset the store has reached (rows carry
+       offset -1): the CSV stands for everything the store should reflect, so
+       ``records_pending`` stays 0 and a consumer that is behind, or a topic that holds
+       events the CSV lacks, shows as mismatches. Sending the same CSV twice changes
+       nothing (event ids dedupe), unless it was sent without ids.
+
+    A row without a timestamp raises :class:`~factors.errors.DataError`: the consumer
+    stamped it with the broker's append time, which only the topic records.
+    """
+
+    path: Path
+    event_ids: bool = True
+
+    def records(self, partitions: int) -> dict[int, list[CsvRecord]]:
+        """The rows as records, by partition (every partition 0..partitions-1 present)."""
+        inter, _ = read_interactions(self.path)
+        undated = np.flatnonzero(~np.isfinite(inter.timestamps))
+        if len(undated):
+            raise DataError(
+                f"{self.path}: {len(undated)} rows have no timestamp (first: data row "
+                f"{undated[0] + 1}); the consumer gave them the broker's append time, which "
+                "only the input topic records: verify against the topic instead")
+        prefix = log_fingerprint(inter) if self.event_ids else None
+        out: dict[int, list[CsvRecord]] = {p: [] for p in range(partitions)}
+        for key, value in event_messages(inter, prefix):
+            partition = (murmur2(key) & 0x7FFFFFFF) % partitions
+            out[partition].append(CsvRecord(-1, key, value, None))
+        return out
+
+
 def expected_histories(config: AppConfig, records: Iterable, applied: int,
                        report: VerifyReport) -> dict[str, UserHistory | None]:
     """Replay one partition's records up to ``applied``: user -> history (None = forgotten)."""
@@ -126,10 +184,15 @@ def expected_histories(config: AppConfig, records: Iterable, applied: int,
     return histories
 
 
-def verify(config: AppConfig, check_output: bool = True, timeout_s: float = 60.0) -> VerifyReport:
+def verify(config: AppConfig, check_output: bool = True, timeout_s: float = 60.0,
+           source: CsvSource | None = None) -> VerifyReport:
+    """Audit the store (and the output topic) against the input topic, or ``source``."""
     report = VerifyReport()
     k = config.kafka
-    inputs = read_topic(k.bootstrap_servers, k.input_topic, timeout_s)
+    if source is None:
+        inputs = read_topic(k.bootstrap_servers, k.input_topic, timeout_s)
+    else:
+        inputs = source.records(k.input_partitions)
     published = {}
     if check_output:
         for batch in read_topic(k.bootstrap_servers, k.output_topic, timeout_s).values():

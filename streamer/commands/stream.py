@@ -25,7 +25,7 @@ from streamer.reader import StoreReader
 from streamer.replay import event_messages, log_fingerprint, produce
 from streamer.service import FoldService
 from streamer.topics import ensure_topics
-from streamer.verify import verify
+from streamer.verify import CsvSource, verify
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,10 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_run)
 
     p = sub.add_parser("verify", help="audit the store and output topic against the input topic",
-                       description="Re-read the input topic, recompute every user's history and "
-                       "vector, compare with the state store and the newest message per user on "
-                       "the output topic. Exit status 1 on any mismatch. Safe while consumers run.")
+                       description="Re-read the input topic (or the CSV given to produce), "
+                       "recompute every user's history and vector, compare with the state store "
+                       "and the newest message per user on the output topic. Exit status 1 on "
+                       "any mismatch. Safe while consumers run.")
     add_config_option(p)
+    p.add_argument("--interactions", type=Path, default=None, metavar="CSV",
+                   help="audit against this CSV instead of the input topic: rows are "
+                   "partitioned as produce sends them and all count as applied")
+    p.add_argument("--no-event-ids", action="store_true",
+                   help="with --interactions: the CSV was produced with --no-event-ids")
     p.add_argument("--no-output", action="store_true", help="skip the output-topic comparison")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the report")
     p.set_defaults(run=cmd_verify)
@@ -135,7 +141,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(config_from_args(args), check_output=not args.no_output)
+    if args.no_event_ids and args.interactions is None:
+        print("foldstream verify: --no-event-ids needs --interactions", file=sys.stderr)
+        return 2
+    source = None if args.interactions is None else CsvSource(args.interactions,
+                                                               event_ids=not args.no_event_ids)
+    report = verify(config_from_args(args), check_output=not args.no_output, source=source)
     for line in report.lines():
         print(line)
     if args.json:
