@@ -23,7 +23,14 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from streamer.codec import OutboxEntry, UserHistory, VectorRecord, append_histories
+from streamer.codec import (
+    OutboxEntry,
+    UserHistory,
+    VectorRecord,
+    append_histories,
+    decode_history_trusted,
+    encode_history,
+)
 from streamer.config import ProcessingConfig
 from streamer.events import EventDecoder, Forget, Interaction, Rejected
 from streamer.model import LoadedModel
@@ -202,10 +209,11 @@ class PartitionProcessor:
         outcome.vectors = records
 
         started = time.perf_counter()
-        outcome.outbox = store.commit_batch(histories, records, deletes, outcome.last_offset,
+        encoded = {user: encode_history(history) for user, history in histories.items()}
+        outcome.outbox = store.commit_batch(encoded, records, deletes, outcome.last_offset,
                                             model_version=model.version)
         outcome.write_seconds = time.perf_counter() - started
-        cache.committed(histories, indices, deletes)
+        cache.committed(encoded, indices, deletes)
         return outcome
 
     def _cache(self, store: PartitionStore, model: LoadedModel) -> "HistoryCache":
@@ -224,17 +232,12 @@ _EMPTY = UserHistory.empty()
 _NO_INDICES = np.empty(0, np.int32)
 
 
-def _frozen_copy(array: np.ndarray) -> np.ndarray:
-    array = array.copy()
-    array.flags.writeable = False
-    return array
-
-
 class HistoryCache:
     """Histories of recently updated users of ONE partition store, with their item indices.
 
-    A copy of what the store committed (entries are installed only after the WriteBatch
-    that holds them was written), so a user found here needs neither a RocksDB read nor
+    Holds the very bytes the store committed (entries are installed only after the
+    WriteBatch that holds them was written) and a copy of each history's item rows in the
+    model, so a user found here needs neither a RocksDB read, nor a validating decode, nor
     a lookup of every item of its history in the model: an update then costs a few NumPy
     calls whatever the history's length. Bounded by ``max_events`` cached events; the
     least recently updated users go first. Tied to one model: the indices are its rows.
@@ -243,9 +246,9 @@ class HistoryCache:
     def __init__(self, model: LoadedModel, max_events: int) -> None:
         self.model = model
         self.max_events = max_events
-        # user -> (history columns..., item indices): tuples of bytes and arrays only, which
-        # the garbage collector stops tracking, so a big cache does not slow its passes.
-        self._entries: dict[str, tuple] = {}
+        # user -> (encoded history, item indices): a bytes object and an array, neither of
+        # which the garbage collector tracks, so a big cache does not slow its passes.
+        self._entries: dict[str, tuple[bytes, np.ndarray]] = {}
         self._events = 0
 
     def __contains__(self, user: str) -> bool:
@@ -258,28 +261,27 @@ class HistoryCache:
         """The cached entry, else the history read from the store (indexed now), else empty."""
         entry = self._entries.get(user)
         if entry is not None:
-            return UserHistory._from_columns(*entry[:5]), entry[5]
+            return decode_history_trusted(entry[0]), entry[1]
         history = stored.get(user)
         if history is None:
             return _EMPTY, _NO_INDICES
         return history, self.model.item_indices(history.item_ids)
 
-    def committed(self, histories: dict[str, UserHistory], indices: dict[str, np.ndarray],
+    def committed(self, encoded: dict[str, bytes], indices: dict[str, np.ndarray],
                   deletes: list[str]) -> None:
         """Install what a batch wrote (call only after its WriteBatch was written)."""
         for user in deletes:
             self._drop(user)
-        for user, history in histories.items():
+        for user, blob in encoded.items():
             self._drop(user)  # re-inserted last: dict order is update order
-            blob, lengths = history._id_bytes()
-            # Copies: the arrays are views into the whole batch's, which must not be kept.
-            self._entries[user] = (blob, *(_frozen_copy(a) for a in (
-                lengths, history.weights, history.times, history.event_hashes, indices[user])))
-            self._events += len(history) + ENTRY_OVERHEAD_EVENTS
+            rows = indices[user].copy()  # a view into the whole batch's array: not kept
+            rows.flags.writeable = False
+            self._entries[user] = (blob, rows)
+            self._events += len(rows) + ENTRY_OVERHEAD_EVENTS
         while self._events > self.max_events and self._entries:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, user: str) -> None:
         old = self._entries.pop(user, None)
         if old is not None:
-            self._events -= len(old[2]) + ENTRY_OVERHEAD_EVENTS
+            self._events -= len(old[1]) + ENTRY_OVERHEAD_EVENTS

@@ -425,7 +425,7 @@ class PartitionStore:
 
         Parameters
         ----------
-        histories : mapping of user id to UserHistory
+        histories : mapping of user id to UserHistory, or to its :func:`codec.encode_history` bytes
         vectors : mapping of user id to VectorRecord
         deletes : iterable of user id
         offset : int
@@ -453,7 +453,9 @@ class PartitionStore:
         batch = WriteBatch(raw_mode=True)
         h = db.handle
         for user_id, history in histories.items():
-            batch.put(codec.encode_user_id(user_id), codec.encode_history(history), h[HISTORIES])
+            if not isinstance(history, bytes):  # else already encode_history()'s bytes
+                history = codec.encode_history(history)
+            batch.put(codec.encode_user_id(user_id), history, h[HISTORIES])
         for user_id, record in vectors.items():
             batch.put(codec.encode_user_id(user_id), codec.encode_vector_record(record), h[VECTORS])
         for user_id in deletes:
