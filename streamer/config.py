@@ -98,9 +98,14 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Where model versions live."""
+    """Where model versions live, and how often the consumer looks for a new active one."""
 
     registry_dir: Path = Path("models")
+    check_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _require(self.check_interval_s > 0,
+                 f"model.check_interval_s must be > 0, got {self.check_interval_s}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,16 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """When to retrain (any trigger; 0 disables one) and how to judge the candidate."""
+    """When to retrain (any trigger; 0 disables one) and how to judge the candidate.
+
+    Triggers (checked every ``check_interval_s`` by :mod:`streamer.scheduler`):
+    ``interval_s`` since the last retrain attempt or change of the active model;
+    ``every_events`` input records consumed by the group since the last attempt;
+    ``max_psi`` / ``max_js`` / ``max_unknown_item_ratio`` exceeded by the drift window once
+    it holds ``min_events`` interactions. ``cooldown_s``: no automatic attempt starts
+    within this many seconds of the end of the previous one (a drift that a rejected
+    candidate did not cure would otherwise retrain back to back).
+    """
 
     interval_s: float = 0.0
     every_events: int = 0
@@ -124,6 +138,7 @@ class RetrainConfig:
     max_js: float = 0.0
     max_unknown_item_ratio: float = 0.0
     check_interval_s: float = 10.0
+    cooldown_s: float = 600.0
     min_events: int = 1_000
     holdout_fraction: float = 0.1
     tolerance: float = 0.02
@@ -135,6 +150,8 @@ class RetrainConfig:
         _require(self.every_events >= 0, f"retrain.every_events must be >= 0, got {self.every_events}")
         _require(self.check_interval_s > 0,
                  f"retrain.check_interval_s must be > 0, got {self.check_interval_s}")
+        _require(self.cooldown_s >= 0, f"retrain.cooldown_s must be >= 0, got {self.cooldown_s}")
+        _require(self.min_events >= 0, f"retrain.min_events must be >= 0, got {self.min_events}")
         _require(0 < self.holdout_fraction < 1,
                  f"retrain.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         _require(0 <= self.tolerance < 1, f"retrain.tolerance must be in [0, 1), got {self.tolerance}")

@@ -68,6 +68,9 @@ class Metrics:
                                      "Wall-clock time the last micro-batch was written.")
         self.model_version = gauge("model_info", "The active model version (value 1).", ["version"])
         self.model_created = gauge("model_created_timestamp_seconds", "When the active model was trained.")
+        self.users_refolded = counter("users_refolded_total",
+                                      "Users re-folded against a newly active model and republished "
+                                      "by live model switches.")
         self.events_since_retrain = gauge("events_since_retrain", "Interactions applied since the active model was trained.")
         self.store_bytes = gauge("rocksdb_size_bytes", "Disk size of the owned partition databases.")
         self.store_keys = gauge("rocksdb_estimated_keys", "Estimated keys in the owned databases.",
@@ -98,5 +101,6 @@ class Metrics:
         self.retrain_seconds = histogram("retrain_duration_seconds", "Wall time of a retrain.",
                                          RETRAIN_BUCKETS)
         self.retrain_last_success = gauge("retrain_last_success_timestamp_seconds",
-                                          "When a retrain last finished (promoted or rejected).")
+                                          "When a retrain last finished without failing "
+                                          "(promoted, rejected or skipped).")
         self.retrain_running = gauge("retrain_running", "1 while a retrain is in progress.")

@@ -6,8 +6,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from factors.data import scale_weights
+from factors.drift import foldin_losses, item_regularization_share
 from factors.foldin import FoldIn
 from factors.pipeline import TrainParams, fold_in_rows
+from factors.rows import aggregate_rows
 from streamer.codec import UserHistory
 from streamer.registry import ActiveModel
 
@@ -18,11 +21,14 @@ class LoadedModel:
     def __init__(self, active: ActiveModel) -> None:
         artifact = active.artifact
         self.version = active.version
+        # Rows of the training matrix (the loss's item-penalty share is per training user).
+        self._training_users = int((artifact.metrics or {}).get("users") or artifact.n_users or 1)
         self.params = TrainParams.from_dict(artifact.params)
         self.item_index = {item: i for i, item in enumerate(artifact.item_ids)}
         self.item_factors = artifact.item_factors
         self.solver = FoldIn(artifact.item_factors, self.params.regularization, self.params.alpha,
                              scaling=self.params.scaling, epsilon=self.params.epsilon)
+        self._loss_terms: tuple[np.ndarray, float] | None = None
 
     @property
     def factors(self) -> int:
@@ -54,3 +60,41 @@ class LoadedModel:
             times = np.zeros(0, np.float64)
         return fold_in_rows(self.solver, indptr, items, weights, times,
                             self.params.half_life_seconds)
+
+    def losses(self, histories: Sequence[UserHistory],
+               vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fold-in loss of each history at its vector, on the training loss's scale.
+
+        :func:`factors.drift.foldin_losses` of the rows the fold-in solved (same aggregation,
+        decay and confidence), with this model's share of the item penalty, so that the
+        weighted mean ``sum loss w / sum w`` compares with ``metrics["train_loss"]``.
+
+        Returns
+        -------
+        loss, weight : float64 [len(histories)]
+        """
+        histories = list(histories)
+        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        indptr = np.zeros(len(histories) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        if histories:
+            items = np.concatenate([self.item_indices(h.item_ids) for h in histories])
+            weights = np.concatenate([h.weights for h in histories])
+            times = np.concatenate([h.times for h in histories])
+        else:
+            items, weights, times = np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0)
+        agg_indptr, agg_items, agg_weights, _ = aggregate_rows(
+            indptr, items, weights, times, self.params.half_life_seconds)
+        yty, share = self._loss_constants()
+        return foldin_losses(agg_indptr, agg_items, scale_weights(agg_weights, self.params.confidence),
+                             np.asarray(vectors, dtype=np.float64), self.item_factors,
+                             self.params.regularization, YtY=yty, item_share=share)
+
+    def _loss_constants(self) -> tuple[np.ndarray, float]:
+        """``Y^T Y`` and one training user's share of the item penalty (computed once)."""
+        if self._loss_terms is None:
+            yty = self.solver.G - self.params.regularization * np.eye(self.factors)
+            share = item_regularization_share(self.item_factors, self.params.regularization,
+                                              self._training_users)
+            self._loss_terms = (yty, share)
+        return self._loss_terms

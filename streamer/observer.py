@@ -1,14 +1,17 @@
 """Turns what the consumer loop did into Prometheus metrics and drift measurements.
 
-The loop calls :meth:`ServiceObserver.model_loaded` when it starts folding against a
-model, :meth:`batch` after each turn (once the vectors are acknowledged), and
-:meth:`assignment` / :meth:`store_sizes` when partitions or stores change. Nothing here
-touches Kafka or RocksDB: it only reads what it is handed.
+The loop calls :meth:`ServiceObserver.model_loaded` when the active model changes,
+:meth:`model_switched` when partitions were re-folded against it, :meth:`batch` after each
+turn (once the vectors are acknowledged), and :meth:`assignment` / :meth:`store_sizes`
+when partitions or stores change; the retrain scheduler calls :meth:`retrain_started`,
+:meth:`retrain` and :meth:`retrain_seen`. Nothing here touches Kafka or RocksDB: it only
+reads what it is handed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from datetime import datetime
 from typing import Iterable
@@ -34,6 +37,7 @@ class ServiceObserver:
         self.drift: DriftMonitor | None = None
         self._model_label: str | None = None
         self._lag_partitions: set[int] = set()
+        self._last_retrain_success = 0.0
         # Series that alerts use with increase()/rate() must exist before their first event.
         for reason in REASONS:
             metrics.dead_lettered.labels(reason=reason)
@@ -63,14 +67,26 @@ class ServiceObserver:
         else:
             self.drift.reset(reference)
 
+    def model_switched(self, users: int) -> None:
+        """``users`` were re-folded against the active model and their vectors republished."""
+        self.metrics.users_refolded.inc(users)
+        self.metrics.published.inc(users)
+
     # -- batches ---------------------------------------------------------------------
     def batch(self, outcomes: Iterable[BatchOutcome], model: LoadedModel,
-              acked_at_ms: float, events_since_model: int) -> None:
+              acked_at_ms: float, events_since_model: int,
+              losses: dict[str, tuple[float, float]] | None = None) -> None:
+        """One turn's outcomes; drift uses the vectors folded against ``model`` (the active one).
+
+        ``losses``: fold-in loss and weight of some updated users (a sample), for the
+        loss ratio; partitions still on a previous model are left out of the drift window.
+        """
         m = self.metrics
         outcomes = list(outcomes)
+        losses = losses or {}
         items: list[str] = []
         new_users = 0
-        new_vectors, old_vectors = [], []
+        new_vectors, old_vectors, loss, loss_weight = [], [], [], []
         for o in outcomes:
             if o.consumed:
                 m.batch_size.observe(o.consumed)
@@ -95,8 +111,13 @@ class ServiceObserver:
             new_users += o.new_user_events
             m.new_users.inc(o.new_users)
             for user, record in o.vectors.items():
+                if record.model_version != model.version:
+                    continue
                 new_vectors.append(record.vector)
                 old_vectors.append(o.previous_vectors.get(user))
+                lw = losses.get(user)
+                loss.append(math.nan if lw is None else lw[0])
+                loss_weight.append(math.nan if lw is None else lw[1])
         if any(o.last_offset >= 0 for o in outcomes):
             m.last_batch_time.set(time.time())
         m.events_since_retrain.set(events_since_model)
@@ -105,6 +126,7 @@ class ServiceObserver:
                 model.item_indices(items), new_users,
                 old_vectors if new_vectors else None,
                 np.asarray(new_vectors, dtype=np.float64).reshape(len(new_vectors), model.factors),
+                loss if losses else None, loss_weight if losses else None,
             )
             publish(m, self.drift.snapshot())
 
@@ -129,9 +151,21 @@ class ServiceObserver:
         for family, count in keys.items():
             self.metrics.store_keys.labels(column_family=family).set(count)
 
+    # -- retraining --------------------------------------------------------------------
+    def retrain_started(self) -> None:
+        self.metrics.retrain_running.set(1)
+
     def retrain(self, outcome: str, seconds: float, finished_at: float) -> None:
+        """A retrain this process started finished (``outcome`` as in RETRAIN_OUTCOMES)."""
         m = self.metrics
+        m.retrain_running.set(0)
         m.retrains.labels(outcome=outcome).inc()
         m.retrain_seconds.observe(seconds)
         if outcome in ("promoted", "rejected", "skipped"):
-            m.retrain_last_success.set(finished_at)
+            self.retrain_seen(finished_at)
+
+    def retrain_seen(self, finished_at: float) -> None:
+        """A retrain (by any process, read from the history) finished without failing then."""
+        if finished_at > self._last_retrain_success:
+            self._last_retrain_success = finished_at
+            self.metrics.retrain_last_success.set(finished_at)

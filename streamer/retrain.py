@@ -13,12 +13,19 @@
    consumer notices the new ACTIVE pointer and switches;
 6. append the outcome (time, duration, data size, metrics, decision, reason) to
    ``retrain-history.jsonl`` in the registry.
+
+One retrain at a time across processes: :func:`retrain_lock` is a non-blocking
+``flock`` on ``retrain.lock`` in the registry; a retrain that finds it taken returns a
+"skipped" record and writes no history line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +43,7 @@ from streamer.registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 HISTORY_FILE = "retrain-history.jsonl"
+LOCK_FILE = "retrain.lock"
 
 
 @dataclass
@@ -52,14 +60,54 @@ class RetrainRecord:
     current_metrics: dict = field(default_factory=dict)
     candidate_metrics: dict = field(default_factory=dict)
     trigger: str = "manual"
+    # Input records consumed when the retrain started: the sum over input partitions of
+    # (applied offset + 1). The scheduler's event trigger counts from the latest one.
+    input_records: int | None = None
 
 
-def load_histories(state_dir: Path, topic: str) -> Interactions:
-    """Every stored event of every user, from a snapshot taken beside the running consumer."""
+def try_lock(registry_dir: str | os.PathLike) -> int | None:
+    """Take the retrain lock without waiting: an fd holding it, or None when it is taken.
+
+    The lock belongs to the open file: a child given the fd (``pass_fds``) keeps holding it
+    after the parent closes its copy, and it is released when the last copy closes
+    (also when the holder is killed).
+    """
+    root = Path(registry_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def retrain_lock(registry_dir: str | os.PathLike):
+    """``with retrain_lock(dir) as held:`` ``held`` is False when another retrain has it."""
+    fd = try_lock(registry_dir)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def load_histories(state_dir: Path, topic: str, applied: dict[int, int] | None = None) -> Interactions:
+    """Every stored event of every user, from a snapshot taken beside the running consumer.
+
+    ``applied``, when given, receives each partition's applied offset in that snapshot.
+    """
     users, items = IdIndex(), IdIndex()
     u_parts, i_parts, w_parts, t_parts = [], [], [], []
     with snapshot(state_dir, topic) as stores:
-        for store in stores.values():
+        for partition, store in stores.items():
+            if applied is not None:
+                applied[partition] = store.applied_offset()
             for user, history in store.iter_users():
                 n = len(history)
                 if not n:
@@ -75,16 +123,30 @@ def load_histories(state_dir: Path, topic: str) -> Interactions:
                         user_ids=users, item_ids=items)
 
 
-def retrain_once(config: AppConfig, trigger: str = "manual") -> RetrainRecord:
-    """One retrain (steps in the module docstring); never raises for a failed attempt."""
-    record = RetrainRecord(started=time.time(), trigger=trigger)
+def retrain_once(config: AppConfig, trigger: str = "manual", *, input_records: int | None = None,
+                 lock: bool = True) -> RetrainRecord:
+    """One retrain (steps in the module docstring); never raises for a failed attempt.
+
+    ``input_records``: the input records consumed so far as the caller counts them (default:
+    from the snapshot's applied offsets). ``lock=False``: the caller holds the retrain lock.
+    """
+    if lock:
+        with retrain_lock(config.model.registry_dir) as held:
+            if not held:
+                return RetrainRecord(started=time.time(), outcome="skipped", trigger=trigger,
+                                     reason="another retrain is running (retrain.lock is held)")
+            return retrain_once(config, trigger, input_records=input_records, lock=False)
+    record = RetrainRecord(started=time.time(), trigger=trigger, input_records=input_records)
     registry = ModelRegistry(config.model.registry_dir)
     clock = time.perf_counter()
     try:
         current = registry.load()
         record.current_version = current.version
         params = TrainParams.from_dict(current.artifact.params)
-        inter = load_histories(config.store.state_dir, config.kafka.input_topic)
+        applied: dict[int, int] = {}
+        inter = load_histories(config.store.state_dir, config.kafka.input_topic, applied)
+        if record.input_records is None:
+            record.input_records = sum(offset + 1 for offset in applied.values())
         record.events, record.users, record.items = (len(inter), len(inter.user_ids),
                                                      len(inter.item_ids))
         if len(inter) < config.retrain.min_events:
@@ -120,13 +182,19 @@ def retrain_once(config: AppConfig, trigger: str = "manual") -> RetrainRecord:
         return record
     finally:
         record.seconds = round(time.perf_counter() - clock, 3)
-        _append_history(Path(config.model.registry_dir), record)
+        append_history(Path(config.model.registry_dir), record)
 
 
-def _append_history(root: Path, record: RetrainRecord) -> None:
+def append_history(root: Path, record: RetrainRecord) -> None:
+    """Add ``record`` as one JSON line to the registry's retrain history."""
     root.mkdir(parents=True, exist_ok=True)
     with (root / HISTORY_FILE).open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(asdict(record), default=_jsonable) + "\n")
+        fh.write(record_json(record) + "\n")
+
+
+def record_json(record: RetrainRecord) -> str:
+    """``record`` as one line of JSON (the history's format)."""
+    return json.dumps(asdict(record), default=_jsonable)
 
 
 def _jsonable(value):
@@ -138,7 +206,16 @@ def _jsonable(value):
 
 
 def retrain_history(registry_dir: Path) -> list[dict]:
+    """Every recorded attempt, oldest first (a line still being appended is left out)."""
     path = Path(registry_dir) / HISTORY_FILE
-    if not path.exists():
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries

@@ -19,6 +19,14 @@ One loop on one thread. Each turn of :meth:`FoldService.run_once`:
 A crash between any two steps loses nothing and applies nothing twice: before step 4's
 write Kafka redelivers the records; after it, the applied offset skips them and the
 outbox re-sends their vectors.
+
+Model switches: every partition store records the model version its vectors were folded
+against, and step 4 folds a partition's batch against that version. At most every
+``model.check_interval_s`` the loop reads the registry's ACTIVE pointer; while some store is
+on another version, each turn switches ONE of them (:mod:`streamer.switch`: re-fold every
+history, one WriteBatch of vectors + version + outbox, then publish and ack the outbox like
+step 5), so polling goes on between partitions. A partition assigned while on another
+version is paused until its switch is done, so none of its batches is applied first.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from streamer.processor import BatchOutcome, PartitionProcessor, RawRecord
 from streamer.publisher import Publisher
 from streamer.registry import ModelRegistry
 from streamer.store import PartitionStore
+from streamer.switch import ModelCache, switch_partition
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +110,8 @@ class ServiceStats:
     unknown_item_events: int = 0
     users_updated: int = 0
     published: int = 0
+    users_refolded: int = 0  # re-folded and republished by model switches
+    partitions_switched: int = 0
     batches: int = 0
     rebalances: int = 0
     latencies_ms: list[np.ndarray] = field(default_factory=list)
@@ -124,7 +135,12 @@ class FoldService:
     ) -> None:
         self.config = config
         self.registry = ModelRegistry(config.model.registry_dir)
-        self.model = LoadedModel(self.registry.load())
+        self.models = ModelCache(self.registry)
+        self.model: LoadedModel = self.models.activate()  # the registry's ACTIVE version
+        self.last_applied: list[tuple[PartitionStore, BatchOutcome]] = []
+        self._next_model_check = time.monotonic() + config.model.check_interval_s
+        self._switch_pending = False  # some store may be on another version than self.model
+        self._held: set[TopicPartition] = set()  # paused until their switch
         self.processor = PartitionProcessor(config.processing)
         self.stats = ServiceStats()
         self.stores: dict[TopicPartition, PartitionStore] = {}
@@ -215,11 +231,11 @@ class FoldService:
         if rejected:
             self.publisher.flush()
 
-        applied = [(store, self.processor.apply(store, decoded, outcome, self.model))
-                   for _, store, decoded, outcome in work]
+        applied = self._apply(work)
         outcomes = [outcome for _, outcome in applied]
 
         self._publish(applied)
+        self._switch_step()
         self._commit(sync=False)
         self._account(outcomes)
         if self.on_batch is not None:
@@ -261,6 +277,7 @@ class FoldService:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, applied + 1)
+            self._hold_if_stale(tp, store)
             fresh.add(tp)
         if assigned or revoked:
             self.stats.rebalances = self._assignments.rebalances
@@ -278,10 +295,83 @@ class FoldService:
         log.info("re-sent %d pending vectors of %s", len(entries), store.name)
 
     def _close_store(self, tp: TopicPartition) -> None:
+        self._held.discard(tp)
         store = self.stores.pop(tp, None)
         if store is not None:
             self.processor.forget(store)
             store.close()
+
+    # -- models ----------------------------------------------------------------------
+    def _apply(self, work: list) -> list[tuple[PartitionStore, BatchOutcome]]:
+        """Step 4: each partition's batch against the model of its stored version."""
+        self.last_applied = [(store, self.processor.apply(store, decoded, outcome,
+                                                          self._model_for(store)))
+                             for _, store, decoded, outcome in work]
+        return self.last_applied
+
+    def _model_for(self, store: PartitionStore) -> LoadedModel:
+        version = store.model_version()
+        if version is None or version == self.model.version:
+            return self.model  # a new store takes the active version
+        return self.models.get(version)
+
+    def _hold_if_stale(self, tp: TopicPartition, store: PartitionStore) -> None:
+        """Pause a just-assigned partition on another version until it is switched."""
+        version = store.model_version()
+        if version is not None and version != self.model.version:
+            self.consumer.pause(tp)
+            self._held.add(tp)
+            self._switch_pending = True
+
+    def _check_active(self) -> None:
+        """Follow the registry's ACTIVE pointer (one small file read)."""
+        try:
+            version = self.registry.active_version()
+            if version is None or version == self.model.version:
+                return
+            model = self.models.activate(version)
+        except Exception:  # noqa: BLE001 - keep folding against the current model, retry later
+            log.exception("cannot load the new active model; staying on %s", self.model.version)
+            return
+        log.info("active model changed from %s to %s: switching partitions",
+                 self.model.version, model.version)
+        self.model = model
+        self._switch_pending = True
+
+    def _switch_step(self) -> None:
+        """Between turns: re-read ACTIVE when due, then switch at most one stale partition."""
+        now = time.monotonic()
+        if now >= self._next_model_check:
+            self._next_model_check = now + self.config.model.check_interval_s
+            self._check_active()
+        if not self._switch_pending:
+            return
+        current = (None, self.model.version)
+        for tp in sorted(self._held):
+            if self.stores[tp].model_version() in current:  # ACTIVE came back to its version
+                self._release(tp)
+        stale = [tp for tp in sorted(self._held) + sorted(set(self.stores) - self._held)
+                 if self.stores[tp].model_version() not in current]
+        if not stale:
+            self._switch_pending = False
+            return
+        tp = stale[0]
+        store = self.stores[tp]
+        outcome = switch_partition(store, self.model)
+        self.processor.forget(store)  # its cached item indices are the old model's rows
+        if outcome.outbox:
+            self.stats.published += self.publisher.send_vectors(outcome.outbox)
+            self.publisher.flush()
+            store.ack_outbox([entry.key for entry in outcome.outbox])
+        self.stats.users_refolded += outcome.users
+        self.stats.partitions_switched += 1
+        self._release(tp)
+        self._switch_pending = len(stale) > 1
+
+    def _release(self, tp: TopicPartition) -> None:
+        if tp in self._held:
+            self._held.discard(tp)
+            self.consumer.resume(tp)
 
     # -- offsets ---------------------------------------------------------------------
     def _commit(self, sync: bool) -> None:

@@ -23,6 +23,7 @@ from streamer.progress import ProgressLine
 from streamer.publisher import vector_message
 from streamer.reader import StoreReader
 from streamer.replay import event_messages, log_fingerprint, produce
+from streamer.scheduler import RetrainScheduler
 from streamer.service import FoldService
 from streamer.topics import ensure_topics
 from streamer.verify import CsvSource, verify
@@ -121,9 +122,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics",
                                          config.metrics.host, config.metrics.port)
     monitor = ServiceMonitor(observer)
+    scheduler = RetrainScheduler(config, observer)  # [retrain] triggers; retrain metrics
 
     def on_batch(service: FoldService, outcomes) -> None:
         monitor.after_batch(service, outcomes)
+        scheduler.tick()
         if not args.quiet:
             s = service.stats
             bar.update(s.applied, f"applied; published={s.published} "
@@ -133,7 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     monitor.model_loaded(service)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.stop())
-    stats = service.run()
+    try:
+        stats = service.run()
+    finally:
+        scheduler.close()
     bar.close()
     print(f"stopped: applied {stats.applied}, published {stats.published}, "
           f"dead-lettered {stats.dead_lettered}")

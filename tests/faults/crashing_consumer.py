@@ -4,8 +4,11 @@
 
 STAGE is where in the commit protocol the process dies (streamer/service.py, steps 4-6):
 ``before_write`` (state computed, nothing written), ``after_write`` (WriteBatch done, nothing
-published), ``after_publish`` (vectors acknowledged, Kafka offsets not committed). The
-production code has no fault hooks: this script patches the methods it wraps.
+published), ``after_publish`` (vectors acknowledged, Kafka offsets not committed). For a
+model switch (streamer/switch.py), N counts partition switches instead of batches:
+``switch_before_write`` (every vector re-folded, nothing written) and ``switch_after_write``
+(the switch's WriteBatch done, its outbox not published). The production code has no fault
+hooks: this script patches the methods it wraps.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ def die() -> None:
 
 def main() -> None:
     config_path, stage, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    calls = {"batches": 0}
+    calls = {"batches": 0, "switches": 0}
     original_commit = PartitionStore.commit_batch
+    original_switch = PartitionStore.commit_model_switch
     original_commit_offsets = FoldService._commit
 
     def commit_batch(self, *args, **kwargs):
@@ -44,7 +48,17 @@ def main() -> None:
             die()
         return original_commit_offsets(self, sync)
 
+    def commit_model_switch(self, *args, **kwargs):
+        calls["switches"] += 1
+        if stage == "switch_before_write" and calls["switches"] == n:
+            die()
+        entries = original_switch(self, *args, **kwargs)
+        if stage == "switch_after_write" and calls["switches"] == n:
+            die()
+        return entries
+
     PartitionStore.commit_batch = commit_batch
+    PartitionStore.commit_model_switch = commit_model_switch
     FoldService._commit = commit_offsets
     service = FoldService(load_config(config_path))
     signal.signal(signal.SIGTERM, lambda *_: service.stop())

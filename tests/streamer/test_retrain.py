@@ -70,6 +70,12 @@ def test_candidate_trained_on_more_data_is_promoted(tmp_path, log):
     assert len(active.item_ids) > 0 and active.params["factors"] == PARAMS.factors
     (entry,) = retrain_history(config.model.registry_dir)
     assert entry["outcome"] == "promoted" and entry["trigger"] == "test" and entry["seconds"] > 0
+    # The input records consumed, as the snapshot's applied offsets count them.
+    applied = []
+    for p in range(2):
+        with PartitionStore.open(config.store.state_dir, config.kafka.input_topic, p) as store:
+            applied.append(store.applied_offset())
+    assert entry["input_records"] == sum(offset + 1 for offset in applied)
 
 
 def test_rejected_candidate_leaves_the_active_model_untouched(tmp_path, log):
