@@ -178,7 +178,11 @@ class FoldService:
         self.publisher = Publisher(producer, k.output_topic, k.dead_letter_topic)
 
     def run(self, max_seconds: float | None = None) -> ServiceStats:
-        """Start, loop until stopped (or ``max_seconds``), then close cleanly."""
+        """Start, loop until stopped (or ``max_seconds``), then close cleanly.
+
+        When a turn raises (a failed RocksDB write: disk full), everything is still closed,
+        and the turn's error is the one raised, not a follow-on error from closing.
+        """
         self.start()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         try:
@@ -186,16 +190,28 @@ class FoldService:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 self.run_once()
-        finally:
-            self.close()
+        except BaseException:
+            self.close(best_effort=True)
+            raise
+        self.close()
         return self.stats
 
-    def close(self) -> None:
-        """Commit what was applied, close the stores, then the clients."""
+    def close(self, best_effort: bool = False) -> None:
+        """Commit what was applied, close the stores, then the clients.
+
+        A store that fails to close (one whose write failed stays in RocksDB's background
+        error state: "Writer has previous error") does not stop the others or the clients
+        from closing; its error is raised at the end, or only logged with ``best_effort``.
+        """
         if self.consumer is not None:
             self._commit(sync=True)
+        failed: Exception | None = None
         for tp in list(self.stores):
-            self._close_store(tp)
+            try:
+                self._close_store(tp)
+            except Exception as exc:  # noqa: BLE001 - close the rest, then report
+                log.error("closing the store of partition %d failed: %s", tp.partition, exc)
+                failed = failed or exc
         if self.publisher is not None:
             try:
                 self.publisher.close(timeout_s=5)
@@ -208,12 +224,15 @@ class FoldService:
             except Exception:  # noqa: BLE001
                 log.exception("closing the consumer failed")
             self.consumer = None
+        if failed is not None and not best_effort:
+            raise failed
 
     # -- one turn of the loop --------------------------------------------------------
     def run_once(self) -> list[BatchOutcome]:
         p = self.config.processing
         polled = self.consumer.poll(timeout_ms=p.batch_max_ms, max_records=p.batch_max_records)
         fresh = self._apply_assignment_changes()
+        generation = self._generation()
         work: list[tuple[TopicPartition, PartitionStore, list, BatchOutcome]] = []
         for tp, records in polled.items():
             store = self.stores.get(tp)
@@ -224,6 +243,7 @@ class FoldService:
             decoded, outcome = self.processor.decode(store, raw)
             work.append((tp, store, decoded, outcome))
 
+        work = self._still_member(work, generation)
         # Dead letters are acknowledged before the offsets past them are written.
         rejected = 0
         for tp, _, _, outcome in work:
@@ -231,11 +251,12 @@ class FoldService:
         if rejected:
             self.publisher.flush()
 
-        applied = self._apply(work)
+        applied = self._apply(self._still_member(work, generation))
         outcomes = [outcome for _, outcome in applied]
 
         self._publish(applied)
-        self._switch_step()
+        if self._generation() == generation:
+            self._switch_step()
         self._commit(sync=False)
         self._account(outcomes)
         if self.on_batch is not None:
@@ -258,6 +279,26 @@ class FoldService:
                 )
 
     # -- assignment ------------------------------------------------------------------
+    def _generation(self) -> tuple[int, str]:
+        """The group generation and member id this process holds its partitions under."""
+        meta = self.consumer.group_metadata()
+        return meta.generation_id, meta.member_id
+
+    def _still_member(self, work: list, generation: tuple[int, str]) -> list:
+        """``work``, or nothing once the group generation it was polled under has ended.
+
+        A turn that outlives ``max_poll_interval_ms`` (a stall, a long pause) makes
+        kafka-python's heartbeat thread leave the group, and the partitions go to another
+        member; the rebalance listener hears of it only at the next ``poll()``. Writing the
+        batch anyway would apply it under an assignment this process no longer holds: drop
+        it, and whoever owns the partition next reads it again after the stored offset.
+        """
+        if not work or (generation[0] >= 0 and self._generation() == generation):
+            return work
+        log.warning("left the group (generation %d) with a batch in hand: dropping the records "
+                    "polled for partitions %s", generation[0], sorted(tp.partition for tp, *_ in work))
+        return []
+
     def _apply_assignment_changes(self) -> set[TopicPartition]:
         assigned, revoked = self._assignments.take()
         for tp in revoked:
