@@ -850,3 +850,37 @@ def weighted_loss(indptr, indices, conf, X, Y, regularization):
     return loss_from_grams(
         indptr, indices, conf, X, Y, gram(X, 0.0), gram(Y, 0.0), regularization
     )
+
+
+@njit(cache=True)
+def sum_rows_by_item(indptr, indices, weights, out_indptr, out_indices, out_weights):
+    """Per row, the distinct known items (ascending) and their summed weights.
+
+    Row ``r`` owns events ``indptr[r]:indptr[r+1]``; ``indices < 0`` are unknown items and
+    skipped. Fills ``out_indptr`` (m + 1) and the first ``out_indptr[m]`` entries of
+    ``out_indices`` / ``out_weights``; returns ``out_indptr[m]``. Sums are float64, added
+    in event order (a stable sort per row): the same value whoever calls it, the
+    streaming consumer or the offline fold-in. One pass per row, O(n log n) in the row's
+    length; the NumPy reference sorts the whole batch (lexsort + ``add.reduceat``).
+    """
+    m = indptr.shape[0] - 1
+    pos = 0
+    out_indptr[0] = 0
+    for r in range(m):
+        lo, hi = indptr[r], indptr[r + 1]
+        if hi > lo:
+            order = np.argsort(indices[lo:hi], kind="mergesort")
+            last = -1
+            for j in order:
+                item = indices[lo + j]
+                if item < 0:
+                    continue
+                if item != last:
+                    out_indices[pos] = item
+                    out_weights[pos] = weights[lo + j]
+                    pos += 1
+                    last = item
+                else:
+                    out_weights[pos - 1] += weights[lo + j]
+        out_indptr[r + 1] = pos
+    return pos

@@ -15,6 +15,7 @@ __all__ = [
     "solve_rows_cg",
     "solve_rows_cholesky",
     "solve_rows_exact",
+    "sum_rows_by_item",
     "weighted_loss",
     "whiten",
 ]
@@ -164,3 +165,22 @@ def weighted_loss(indptr, indices, conf, X, Y, regularization):
 def loss_from_grams(indptr, indices, conf, X, Y, XtX, YtY, regularization):
     """:func:`weighted_loss`; the Gram matrices are not needed by the dense version."""
     return weighted_loss(indptr, indices, conf, X, Y, regularization)
+
+
+def sum_rows_by_item(indptr, indices, weights, out_indptr, out_indices, out_weights):
+    """Per row, distinct known items (ascending) and float64 weight sums: lexsort + reduceat."""
+    m = len(indptr) - 1
+    rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(indptr))
+    known = indices >= 0
+    rows, cols, w = rows[known], indices[known], np.asarray(weights, np.float64)[known]
+    order = np.lexsort((cols, rows))
+    rows, cols, w = rows[order], cols[order], w[order]
+    if len(rows):
+        first = np.r_[True, (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])]
+        starts = np.flatnonzero(first)
+        w, rows, cols = np.add.reduceat(w, starts), rows[starts], cols[starts]
+    out_indptr[0] = 0
+    np.cumsum(np.bincount(rows, minlength=m), out=out_indptr[1:])
+    out_indices[:len(cols)] = cols
+    out_weights[:len(w)] = w
+    return len(cols)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from factors.errors import DataError
+from factors.kernels import sum_rows_by_item
 
 
 def aggregate_rows(
@@ -52,33 +53,27 @@ def aggregate_rows(
                         f"{len(indices)}, got {indptr[:3]}...{indptr[-1:]}")
     if len(w) != len(indices):
         raise DataError(f"weights must have {len(indices)} entries, got {len(w)}")
-    rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(indptr))
+    counts = np.diff(indptr)
     if half_life_seconds is not None and len(w):
         if times is None:
             raise DataError("times are required with half_life_seconds")
         t = np.asarray(times, dtype=np.float64)
         if len(t) != len(indices):
             raise DataError(f"times must have {len(indices)} entries, got {len(t)}")
+        # Rows are contiguous runs: each row's newest time is one reduceat (empty rows,
+        # which reduceat would misread, own no events and are dropped from its input).
         finite = np.where(np.isfinite(t), t, -np.inf)
         last = np.full(m, -np.inf)
-        np.maximum.at(last, rows, finite)
-        age = last[rows] - t
+        filled = counts > 0
+        last[filled] = np.maximum.reduceat(finite, indptr[:-1][filled])
+        age = np.repeat(last, counts) - t
         factor = np.where(np.isfinite(age), 0.5 ** (age / half_life_seconds), 1.0)
         w = w * factor
     known = indices >= 0
-    unknown = np.bincount(rows[~known], minlength=m).astype(np.int64)
-    rows, cols, w = rows[known], indices[known], w[known]
-    order = np.lexsort((cols, rows))
-    rows, cols, w = rows[order], cols[order], w[order]
-    if len(rows):
-        first = np.empty(len(rows), dtype=bool)
-        first[0] = True
-        first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
-        starts = np.flatnonzero(first)
-        sums = np.add.reduceat(w, starts)
-        rows, cols = rows[starts], cols[starts]
-    else:
-        sums = w
-    out_indptr = np.zeros(m + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=m), out=out_indptr[1:])
-    return out_indptr, cols.astype(np.int32), sums.astype(np.float32), unknown
+    rows_unknown = np.repeat(np.arange(m, dtype=np.int64), counts)[~known] if not known.all() else []
+    unknown = np.bincount(rows_unknown, minlength=m).astype(np.int64)
+    out_indptr = np.empty(m + 1, dtype=np.int64)
+    cols = np.empty(int(known.sum()), dtype=np.int64)
+    sums = np.empty(len(cols), dtype=np.float64)
+    n = sum_rows_by_item(indptr, indices, w, out_indptr, cols, sums)
+    return out_indptr, cols[:n].astype(np.int32), sums[:n].astype(np.float32), unknown

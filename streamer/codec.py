@@ -323,13 +323,22 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
 
 
 def _take_bytes(blob: bytes, lengths: np.ndarray, order: np.ndarray) -> bytes:
-    """The byte strings ``order`` picks out of ``blob`` (split by ``lengths``), concatenated."""
-    sizes = lengths[order]
-    total = int(sizes.sum())
-    if total == 0:
+    """The byte strings ``order`` picks out of ``blob`` (split by ``lengths``), concatenated.
+
+    ``order`` is mostly runs of consecutive strings (a user's kept history, then its new
+    events): one slice per run, so the cost follows the runs, not the bytes.
+    """
+    if order.shape[0] == 0:
         return b""
-    shift = np.repeat(_starts(lengths)[order] - _starts(sizes), sizes)
-    return np.frombuffer(blob, dtype=np.uint8)[np.arange(total) + shift].tobytes()
+    starts = _starts(lengths)
+    breaks = np.flatnonzero(np.diff(order) != 1) + 1
+    first = order[np.concatenate([[0], breaks])]
+    last = order[np.concatenate([breaks - 1, [order.shape[0] - 1]])]
+    begin = starts[first].tolist()
+    end = (starts[last] + lengths[last]).tolist()
+    if len(begin) == 1:
+        return blob[begin[0]:end[0]]
+    return b"".join([blob[a:b] for a, b in zip(begin, end)])
 
 
 def _split_ids(blob: bytes, lengths: np.ndarray) -> tuple[str, ...]:
@@ -417,14 +426,22 @@ def append_histories(
                 duplicate[first_new + j] = True
             else:
                 seen.add((s, hj))
-    kept = np.flatnonzero(~duplicate) if m else np.arange(seg.shape[0])
 
-    # Group by history: old events (already in time order) first, then new ones in arrival
-    # order. Only a history whose new events are not the newest, in order, needs a sort.
-    order = kept[np.argsort(seg[kept], kind="stable")]
+    # Group by history: its old events (stored in time order, and laid out history by
+    # history) first, then its new ones in arrival order; built by placing indices, not
+    # by sorting the old events again. Only a history whose new events are not the
+    # newest, in order, needs a sort.
+    new_kept = first_new + np.flatnonzero(~duplicate[first_new:])
+    new_kept = new_kept[np.argsort(seg[new_kept], kind="stable")]
+    n_new = np.bincount(seg[new_kept], minlength=u_count)
+    group_starts = _starts(n_old + n_new)
+    order = np.empty(first_new + new_kept.shape[0], dtype=np.int64)
+    old_seg = seg[:first_new]
+    order[np.arange(first_new) + (group_starts - _starts(n_old))[old_seg]] = np.arange(first_new)
+    new_rank = np.arange(new_kept.shape[0]) - _starts(n_new)[seg[new_kept]]
+    order[(group_starts + n_old)[seg[new_kept]] + new_rank] = new_kept
     seg_sorted = seg[order]
-    counts = np.bincount(seg_sorted, minlength=u_count)
-    group_starts = _starts(counts)
+    counts = n_old + n_new
     t_sorted = t[order]
     late = np.flatnonzero((seg_sorted[1:] == seg_sorted[:-1]) & (t_sorted[1:] < t_sorted[:-1]))
     for u in np.unique(seg_sorted[late + 1]).tolist():

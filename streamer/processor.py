@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -248,7 +249,9 @@ class HistoryCache:
         self.max_events = max_events
         # user -> (encoded history, item indices): a bytes object and an array, neither of
         # which the garbage collector tracks, so a big cache does not slow its passes.
-        self._entries: dict[str, tuple[bytes, np.ndarray]] = {}
+        # An OrderedDict: evicting its oldest entry is O(1), where a dict's first key after
+        # many deletions costs a scan over the deleted slots.
+        self._entries: OrderedDict[str, tuple[bytes, np.ndarray]] = OrderedDict()
         self._events = 0
 
     def __contains__(self, user: str) -> bool:
@@ -273,13 +276,14 @@ class HistoryCache:
         for user in deletes:
             self._drop(user)
         for user, blob in encoded.items():
-            self._drop(user)  # re-inserted last: dict order is update order
+            self._drop(user)  # re-inserted last: the order is update order
             rows = indices[user].copy()  # a view into the whole batch's array: not kept
             rows.flags.writeable = False
             self._entries[user] = (blob, rows)
             self._events += len(rows) + ENTRY_OVERHEAD_EVENTS
         while self._events > self.max_events and self._entries:
-            self._drop(next(iter(self._entries)))
+            _, (_, rows) = self._entries.popitem(last=False)
+            self._events -= len(rows) + ENTRY_OVERHEAD_EVENTS
 
     def _drop(self, user: str) -> None:
         old = self._entries.pop(user, None)

@@ -1,6 +1,9 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from factors import kernels, reference
 from factors.errors import DataError
 from factors.rows import aggregate_rows
 
@@ -38,3 +41,22 @@ def test_empty_and_validation():
         aggregate_rows([0, 3], [1], [1.0])
     with pytest.raises(DataError, match="times are required"):
         aggregate_rows([0, 1], [1], [1.0], half_life_seconds=5.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(-2, 6), st.floats(0, 1e6, allow_nan=False)),
+                         max_size=12), max_size=8))
+def test_sum_rows_kernel_equals_numpy_reference(rows):
+    indptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(r) for r in rows], out=indptr[1:])
+    indices = np.array([i for r in rows for i, _ in r], np.int64)
+    weights = np.array([w for r in rows for _, w in r], np.float64)
+    outs = []
+    for impl in (kernels.sum_rows_by_item, reference.sum_rows_by_item):
+        p, i, w = np.empty(len(rows) + 1, np.int64), np.empty(len(indices), np.int64), np.empty(len(indices))
+        n = impl(indptr, indices, weights, p, i, w)
+        outs.append((p, i[:n], w[:n]))
+    (p, i, w), (p_ref, i_ref, w_ref) = outs
+    assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref)
+    # The kernel adds in event order; reduceat may pair terms differently.
+    np.testing.assert_allclose(w, w_ref, rtol=1e-12)
