@@ -58,6 +58,7 @@ class Scenario:
     pool_events: int = 200_000  # the producer cycles through these
     partitions: int = 4
     drain_timeout: float = 180.0
+    cache_events: int | None = None  # processing.history_cache_events; None: the default
     seed: int = 7
 
 
@@ -175,6 +176,8 @@ def write_config(path: Path, bootstrap: str, work: Path, registry: Path, sc: Sce
              "group_id": "soak", "input_partitions": sc.partitions, **SESSION}
     sections = {"kafka": kafka, "store": {"state_dir": str(work / "state")},
                 "model": {"registry_dir": str(registry)}, "metrics": {"port": 0}}
+    if sc.cache_events is not None:
+        sections["processing"] = {"history_cache_events": sc.cache_events}
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -511,7 +514,12 @@ def text_report(r: dict, s: dict) -> list[str]:
 def markdown(r: dict, s: dict, quick: bool) -> str:
     sc, p, v = r["scenario"], r["produced"], r["verify"]
     flags = (f"--duration {sc['duration']:g} --rate {sc['rate']:g} "
-             f"--restart-every {sc['restart_every']:g}")
+             f"--restart-every {sc['restart_every']:g}"
+             + ("" if sc.get("cache_events") is None else f" --cache-events {sc['cache_events']}"))
+    from streamer.config import ProcessingConfig
+
+    cache = sc.get("cache_events")
+    cache = ProcessingConfig().history_cache_events if cache is None else cache
     lines = [
         "## soak: steady rate, consumer restarted every minute (SIGTERM / kill -9 alternately)",
         "",
@@ -522,7 +530,10 @@ def markdown(r: dict, s: dict, quick: bool) -> str:
         f"all on this machine ({os.cpu_count()} cores shared). Synthetic log: {sc['users']:,} "
         f"users, {sc['items']:,} items, k={sc['factors']}, {sc['partitions']} input partitions. "
         f"RSS is the consumer's VmRSS sampled every {sc['sample_every']:g} s; lag is events "
-        "acknowledged to the producer minus events applied (store offsets), same samples.",
+        "acknowledged to the producer minus events applied (store offsets), same samples. "
+        f"The consumer's history cache holds up to {cache:,} events "
+        "(`processing.history_cache_events`, about 40 bytes each): until the stored histories "
+        "exceed it, RSS follows the state it caches.",
         "",
         "| measurement | value |",
         "|---|---|",
@@ -582,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int)
     p.add_argument("--items", type=int)
     p.add_argument("--partitions", type=int)
+    p.add_argument("--cache-events", type=int,
+                   help="processing.history_cache_events of the consumer (default: the config's)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--results", type=Path, default=None,
                    help="markdown file to write the section into (default bench/RESULTS.md)")
@@ -591,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = QUICK if args.quick else Scenario()
     changes = {name: getattr(args, name) for name in
                ("duration", "rate", "restart_every", "sample_every", "users", "items",
-                "partitions") if getattr(args, name) is not None}
+                "partitions", "cache_events") if getattr(args, name) is not None}
     sc = replace(sc, **changes)
     if sc.duration <= 0 or sc.rate <= 0 or sc.restart_every <= 0 or sc.sample_every <= 0:
         p.error("--duration, --rate, --restart-every and --sample-every must be > 0")

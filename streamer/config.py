@@ -61,6 +61,7 @@ class ProcessingConfig:
     batch_max_records: int = 5_000
     batch_max_ms: int = 50
     history_cap: int = 1_000
+    history_cache_events: int = 2_000_000
     max_id_bytes: int = 256
     default_weight: float = 1.0
     event_weights: Mapping[str, float] = field(
@@ -74,6 +75,8 @@ class ProcessingConfig:
                  f"processing.batch_max_ms must be >= 1, got {self.batch_max_ms}")
         _require(self.history_cap >= 1,
                  f"processing.history_cap must be >= 1, got {self.history_cap}")
+        _require(self.history_cache_events >= 0,
+                 f"processing.history_cache_events must be >= 0, got {self.history_cache_events}")
         _require(self.max_id_bytes >= 1,
                  f"processing.max_id_bytes must be >= 1, got {self.max_id_bytes}")
         _require(self.default_weight >= 0,

@@ -79,20 +79,18 @@ class BatchOutcome:
 # Updated users per micro-batch whose previous vector is read for drift (cosine shift).
 DRIFT_SAMPLE_USERS = 256
 
-# Events of history kept in memory per process (shared by its partitions), and what one cached user costs beyond its
-# events (about 40 bytes per event: some 100 MB at the bound); constants until a deployment
-# needs to change them.
-HISTORY_CACHE_EVENTS = 2_000_000
+# What one cached user costs beyond its events, in events (an event is about 40 bytes in
+# the cache; ``processing.history_cache_events`` bounds the cache per process).
 ENTRY_OVERHEAD_EVENTS = 16
 
 
 class PartitionProcessor:
     """Applies micro-batches to partition stores against the current model."""
 
-    def __init__(self, config: ProcessingConfig, cache_events: int = HISTORY_CACHE_EVENTS) -> None:
+    def __init__(self, config: ProcessingConfig, cache_events: int | None = None) -> None:
         self.config = config
         self.decoder = EventDecoder(config)
-        self.cache_events = cache_events
+        self.cache_events = config.history_cache_events if cache_events is None else cache_events
         self._caches: weakref.WeakKeyDictionary[PartitionStore, HistoryCache] = weakref.WeakKeyDictionary()
 
     def decode(self, store: PartitionStore, records: Sequence[RawRecord]) -> tuple[list, BatchOutcome]:
