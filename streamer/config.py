@@ -93,10 +93,15 @@ class StoreConfig:
     state_dir: Path = Path("state")
     sync_writes: bool = False
     lock_timeout_s: float = 30.0
+    block_cache_bytes: int = 64 * 2**20
+    memtable_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         _require(self.lock_timeout_s >= 0,
                  f"store.lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
+        for name in ("block_cache_bytes", "memtable_bytes"):
+            _require(getattr(self, name) >= 2**20,
+                     f"store.{name} must be >= 1048576 (1 MiB), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

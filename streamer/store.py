@@ -38,11 +38,13 @@ from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
+    Cache,
     Checkpoint,
     DBRecoveryMode,
     Options,
     Rdict,
     WriteBatch,
+    WriteBufferManager,
     WriteOptions,
 )
 
@@ -99,9 +101,40 @@ def _is_lock_error(message: str) -> bool:
     return "/LOCK" in message and ("While lock file" in message or "lock hold by current process" in message)
 
 
-def _options(*, create: bool, secondary: bool) -> tuple[Options, dict[str, Options]]:
+_SHARED: dict[tuple[str, int], object] = {}
+
+
+def _shared_cache(capacity: int) -> Cache:
+    """One LRU block cache per process and size, for every partition database it opens."""
+    key = ("cache", capacity)
+    if key not in _SHARED:
+        _SHARED[key] = Cache(capacity)
+    return _SHARED[key]
+
+
+def _shared_write_buffers(limit: int) -> WriteBufferManager:
+    """One memtable budget per process and size, across every partition database."""
+    key = ("memtables", limit)
+    if key not in _SHARED:
+        _SHARED[key] = WriteBufferManager(limit, False)
+    return _SHARED[key]
+
+
+def _options(*, create: bool, secondary: bool,
+             config: StoreConfig | None = None) -> tuple[Options, dict[str, Options]]:
+    """Database and column-family options.
+
+    Memory is bounded per process, whatever the number of partitions it holds: the
+    memtables of all its databases share ``config.memtable_bytes`` (a RocksDB write
+    buffer manager: the largest memtable is flushed when the total nears it) and their
+    block caches one LRU cache of ``config.block_cache_bytes``. Without them every
+    column family of every partition had its own 32 MB default cache and 16 MB memtables.
+    """
+    config = config or StoreConfig()
     opts = Options(raw_mode=True)
     opts.set_keep_log_file_num(3)
+    if not secondary:
+        opts.set_write_buffer_manager(_shared_write_buffers(config.memtable_bytes))
     if secondary:
         # Keep every table file open, so the primary's compactions cannot delete one from under a read.
         opts.set_max_open_files(-1)
@@ -114,10 +147,11 @@ def _options(*, create: bool, secondary: bool) -> tuple[Options, dict[str, Optio
     for name in COLUMN_FAMILIES:
         cf = Options(raw_mode=True)
         cf.set_write_buffer_size(WRITE_BUFFER_BYTES)
+        table = BlockBasedOptions()
+        table.set_block_cache(_shared_cache(config.block_cache_bytes))
         if name in (VECTORS, HISTORIES):
-            table = BlockBasedOptions()
             table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
-            cf.set_block_based_table_factory(table)
+        cf.set_block_based_table_factory(table)
         families[name] = cf
     return opts, families
 
@@ -129,8 +163,10 @@ class _Db:
     iterator or Checkpoint object exists, so :meth:`close` closes all of them first.
     """
 
-    def __init__(self, path: Path, *, create: bool, secondary_path: Path | None = None):
-        opts, families = _options(create=create, secondary=secondary_path is not None)
+    def __init__(self, path: Path, *, create: bool, secondary_path: Path | None = None,
+                 config: StoreConfig | None = None):
+        opts, families = _options(create=create, secondary=secondary_path is not None,
+                                  config=config)
         access = AccessType.read_write() if secondary_path is None else AccessType.secondary(str(secondary_path))
         self.path = path
         self.rdict = Rdict(str(path), opts, column_families=families, access_type=access)
@@ -252,7 +288,8 @@ class PartitionStore:
         lock_timeout_s : float, optional
             Overrides ``config.lock_timeout_s``.
         config : streamer.config.StoreConfig, optional
-            ``sync_writes`` and ``lock_timeout_s`` are used; ``state_dir`` is not (pass it here).
+            ``sync_writes``, ``lock_timeout_s`` and the memory budgets are used; ``state_dir``
+            is not (pass it here).
 
         Raises
         ------
@@ -276,7 +313,7 @@ class PartitionStore:
         while True:
             attempts += 1
             try:
-                db = _Db(path, create=create)
+                db = _Db(path, create=create, config=config)
                 break
             except Exception as exc:
                 message = str(exc)
