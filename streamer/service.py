@@ -97,6 +97,9 @@ class _AssignmentLog(ConsumerRebalanceListener):
         return assigned, revoked - assigned
 
 
+LATENCY_SAMPLES = 2_000_000  # 16 MB of float64
+
+
 @dataclass
 class ServiceStats:
     """Running totals, for the CLI's progress line and the demo's summary."""
@@ -114,7 +117,18 @@ class ServiceStats:
     partitions_switched: int = 0
     batches: int = 0
     rebalances: int = 0
+    # Event-to-published latencies of the most recent events (at most LATENCY_SAMPLES),
+    # one array per batch: a long-running consumer must not keep one per event forever.
     latencies_ms: list[np.ndarray] = field(default_factory=list)
+    _latency_count: int = 0
+
+    def add_latencies(self, values: np.ndarray) -> None:
+        if self._latency_count and not self.latencies_ms:  # cleared by the caller
+            self._latency_count = 0
+        self.latencies_ms.append(values)
+        self._latency_count += values.shape[0]
+        while self._latency_count > LATENCY_SAMPLES and len(self.latencies_ms) > 1:
+            self._latency_count -= self.latencies_ms.pop(0).shape[0]
 
     def latency_percentiles(self, *qs: float) -> list[float]:
         if not self.latencies_ms:
@@ -274,9 +288,8 @@ class FoldService:
         acked_at_ms = time.time() * 1000.0
         for _, outcome in applied:
             if outcome.record_times_ms:
-                self.stats.latencies_ms.append(
-                    acked_at_ms - np.asarray(outcome.record_times_ms, dtype=np.float64)
-                )
+                self.stats.add_latencies(
+                    acked_at_ms - np.asarray(outcome.record_times_ms, dtype=np.float64))
 
     # -- assignment ------------------------------------------------------------------
     def _generation(self) -> tuple[int, str]:

@@ -255,3 +255,17 @@ def test_tombstone_forgets_the_user_everywhere(make_app_config, make_kafka_produ
     again = run_service(config, lambda s: s.stats.consumed >= 1)
     assert again.stats.applied == 1
     assert snapshot(config)["vectors"][victim][1] == 1
+
+
+def test_latency_samples_are_bounded_to_the_most_recent(monkeypatch):
+    from streamer import service
+
+    monkeypatch.setattr(service, "LATENCY_SAMPLES", 10)
+    stats = service.ServiceStats()
+    for batch in range(6):
+        stats.add_latencies(np.full(4, float(batch)))
+    kept = np.concatenate(stats.latencies_ms)
+    assert kept.tolist() == [4.0] * 4 + [5.0] * 4  # the newest batches, at most 10 values
+    stats.latencies_ms.clear()  # as the benchmark does between runs
+    stats.add_latencies(np.ones(3))
+    assert stats.latency_percentiles(50) == [1.0]
