@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.events import load_events, save_events
+
 REPO = Path(__file__).resolve().parent.parent
 SESSION = {"session_timeout_ms": 6_000, "heartbeat_interval_ms": 500}
 
@@ -74,7 +76,6 @@ def produce_main(argv: list[str]) -> int:
     """``python -m bench.bench_soak produce ...``: send ``rate * duration`` events, paced."""
     from confluent_kafka import Producer
 
-    from factors.data import IdIndex, Interactions
 
     p = argparse.ArgumentParser(prog="bench_soak produce")
     p.add_argument("--bootstrap", required=True)
@@ -86,11 +87,7 @@ def produce_main(argv: list[str]) -> int:
                    help="JSON progress, rewritten every 0.2 s")
     args = p.parse_args(argv)
 
-    data = np.load(args.events)
-    ids = json.loads(args.events.with_suffix(".ids.json").read_text())
-    pool = Interactions(users=data["users"], items=data["items"], weights=data["weights"],
-                        timestamps=data["timestamps"], user_ids=IdIndex.from_ids(ids["users"]),
-                        item_ids=IdIndex.from_ids(ids["items"]))
+    pool = load_events(args.events)
     users, items = pool.user_ids.ids, pool.item_ids.ids
     span = float(pool.timestamps.max() - pool.timestamps.min()) + 1.0
     total = int(args.rate * args.duration)
@@ -158,11 +155,7 @@ def build(work: Path, sc: Scenario, say) -> tuple[Path, Path]:
     registry = ModelRegistry(work / "models")
     registry.promote(registry.add(result.artifact(train_part)), reason="bench soak")
     pool = inter.subset(np.arange(sc.train_events, len(inter)))
-    events = work / "pool.npz"
-    np.savez(events, users=pool.users, items=pool.items, weights=pool.weights,
-             timestamps=pool.timestamps)
-    events.with_suffix(".ids.json").write_text(json.dumps({"users": pool.user_ids.ids,
-                                                           "items": pool.item_ids.ids}))
+    events = save_events(work / "pool.npz", pool)
     say(f"setup: {sc.users:,} users, {sc.items:,} items, k={sc.factors} trained on "
         f"{sc.train_events:,} events; a pool of {len(pool):,} to replay "
         f"({time.monotonic() - started:.0f} s)")

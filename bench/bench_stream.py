@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.events import load_events, save_events
+
 SESSION = {"session_timeout_ms": 6_000, "heartbeat_interval_ms": 500}
 QUICK_SESSION = {"session_timeout_ms": 2_000, "heartbeat_interval_ms": 100}
 
@@ -83,7 +85,6 @@ def produce_main(argv: list[str]) -> int:
     """``python -m bench.bench_stream produce ...``: send events from an .npz, print a JSON summary."""
     from confluent_kafka import Producer
 
-    from factors.data import IdIndex, Interactions
     from streamer.replay import event_messages
 
     p = argparse.ArgumentParser(prog="bench_stream produce")
@@ -95,13 +96,7 @@ def produce_main(argv: list[str]) -> int:
     p.add_argument("--rate", type=float, default=None, help="events/s; default: as fast as possible")
     args = p.parse_args(argv)
 
-    data = np.load(args.events)
-    ids = json.loads(args.events.with_suffix(".ids.json").read_text())
-    sl = slice(args.start, args.start + args.count)
-    inter = Interactions(users=data["users"][sl], items=data["items"][sl],
-                         weights=data["weights"][sl], timestamps=data["timestamps"][sl],
-                         user_ids=IdIndex.from_ids(ids["users"]),
-                         item_ids=IdIndex.from_ids(ids["items"]))
+    inter = load_events(args.events, slice(args.start, args.start + args.count))
     paced = args.rate is not None
     producer = Producer({
         "bootstrap.servers": args.bootstrap,
@@ -176,11 +171,7 @@ def build(work: Path, sc: Scenario, say) -> tuple[Path, Path, int]:
     registry = ModelRegistry(work / "models")
     registry.promote(registry.add(result.artifact(train_part)), reason="bench")
     stream = inter.subset(np.arange(sc.train_events, len(inter)))
-    events = work / "events.npz"
-    np.savez(events, users=stream.users, items=stream.items, weights=stream.weights,
-             timestamps=stream.timestamps)
-    events.with_suffix(".ids.json").write_text(json.dumps({"users": stream.user_ids.ids,
-                                                           "items": stream.item_ids.ids}))
+    events = save_events(work / "events.npz", stream)
     say(f"setup: {len(inter):,} synthetic events ({sc.users:,} users, {sc.items:,} items), "
         f"model k={sc.factors} trained on the first {sc.train_events:,} "
         f"in {time.monotonic() - started:.0f}s")
