@@ -42,6 +42,7 @@ class KafkaConfig:
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
+    fetch_max_wait_ms: int = 20
 
     def __post_init__(self) -> None:
         _require(bool(self.bootstrap_servers), "kafka.bootstrap_servers must not be empty")
@@ -49,6 +50,8 @@ class KafkaConfig:
             _require(bool(getattr(self, name)), f"kafka.{name} must not be empty")
         _require(self.input_partitions >= 1,
                  f"kafka.input_partitions must be >= 1, got {self.input_partitions}")
+        _require(0 <= self.fetch_max_wait_ms <= 10_000,
+                 f"kafka.fetch_max_wait_ms must be in 0..10000, got {self.fetch_max_wait_ms}")
         _require(self.heartbeat_interval_ms < self.session_timeout_ms,
                  "kafka.heartbeat_interval_ms must be < kafka.session_timeout_ms, got "
                  f"{self.heartbeat_interval_ms} >= {self.session_timeout_ms}")

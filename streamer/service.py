@@ -177,16 +177,18 @@ class FoldService:
     def start(self) -> None:
         _tune_gc()
         k = self.config.kafka
-        self.consumer = make_consumer(
-            k.bootstrap_servers, k.group_id,
+        settings = dict(
             client_id=k.client_id,
             session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
             request_timeout_ms=k.request_timeout_ms,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
             max_poll_records=self.config.processing.batch_max_records,
-            **self._consumer_overrides,
         )
+        # consumer_overrides (tests, benchmarks) win over the configuration.
+        self.consumer = make_consumer(k.bootstrap_servers, k.group_id,
+                                      **{**settings, **self._consumer_overrides})
         self.consumer.subscribe([k.input_topic], listener=self._assignments)
         producer = make_vector_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher")
         self.publisher = Publisher(producer, k.output_topic, k.dead_letter_topic)
