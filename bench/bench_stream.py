@@ -590,7 +590,7 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
         service.run_once()
         now = time.monotonic()
         if not measuring and now - started >= sc.warmup:
-            s.latencies_ms.clear()
+            s.clear_latencies()
             measuring, measured_from = True, (now, s.consumed)
             meter.start()
         if now - started > sc.latency_seconds + sc.warmup + 30:

@@ -47,18 +47,7 @@ class LoadedModel:
     def fold_indexed(self, histories: Sequence[UserHistory],
                      indices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`fold`, given each history's :meth:`item_indices` (kept by the caller)."""
-        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        indptr = np.zeros(len(histories) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        if histories:
-            items = np.concatenate(indices).astype(np.int32, copy=False)
-            weights = np.concatenate([h.weights for h in histories])
-            times = np.concatenate([h.times for h in histories])
-        else:
-            items = np.zeros(0, np.int32)
-            weights = np.zeros(0, np.float32)
-            times = np.zeros(0, np.float64)
-        return fold_in_rows(self.solver, indptr, items, weights, times,
+        return fold_in_rows(self.solver, *_rows(histories, indices),
                             self.params.half_life_seconds)
 
     def losses(self, histories: Sequence[UserHistory],
@@ -74,17 +63,9 @@ class LoadedModel:
         loss, weight : float64 [len(histories)]
         """
         histories = list(histories)
-        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        indptr = np.zeros(len(histories) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        if histories:
-            items = np.concatenate([self.item_indices(h.item_ids) for h in histories])
-            weights = np.concatenate([h.weights for h in histories])
-            times = np.concatenate([h.times for h in histories])
-        else:
-            items, weights, times = np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0)
         agg_indptr, agg_items, agg_weights, _ = aggregate_rows(
-            indptr, items, weights, times, self.params.half_life_seconds)
+            *_rows(histories, [self.item_indices(h.item_ids) for h in histories]),
+            self.params.half_life_seconds)
         yty, share = self._loss_constants()
         return foldin_losses(agg_indptr, agg_items, scale_weights(agg_weights, self.params.confidence),
                              np.asarray(vectors, dtype=np.float64), self.item_factors,
@@ -98,3 +79,15 @@ class LoadedModel:
                                               self._training_users)
             self._loss_terms = (yty, share)
         return self._loss_terms
+
+
+def _rows(histories: Sequence[UserHistory], indices: Sequence[np.ndarray]):
+    """Histories as per-row event lists: (indptr, item rows, weights, times)."""
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    indptr = np.zeros(len(histories) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    if not histories:
+        return indptr, np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float64)
+    return (indptr, np.concatenate(indices).astype(np.int32, copy=False),
+            np.concatenate([h.weights for h in histories]),
+            np.concatenate([h.times for h in histories]))

@@ -123,12 +123,14 @@ class ServiceStats:
     _latency_count: int = 0
 
     def add_latencies(self, values: np.ndarray) -> None:
-        if self._latency_count and not self.latencies_ms:  # cleared by the caller
-            self._latency_count = 0
         self.latencies_ms.append(values)
         self._latency_count += values.shape[0]
         while self._latency_count > LATENCY_SAMPLES and len(self.latencies_ms) > 1:
             self._latency_count -= self.latencies_ms.pop(0).shape[0]
+
+    def clear_latencies(self) -> None:
+        self.latencies_ms.clear()
+        self._latency_count = 0
 
     def latency_percentiles(self, *qs: float) -> list[float]:
         if not self.latencies_ms:

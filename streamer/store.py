@@ -259,6 +259,8 @@ class PartitionStore:
         self._write_opts = WriteOptions()
         self._write_opts.sync = config.sync_writes
         self._applied = self._read_offset()
+        raw = db.cf[META].get(_MODEL_KEY)
+        self._model_version = None if raw is None else codec.decode_text(raw)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -394,9 +396,13 @@ class PartitionStore:
         return self._applied
 
     def model_version(self) -> str | None:
-        """Model version recorded by the last batch that gave one, None when never set."""
-        raw = self._live().cf[META].get(_MODEL_KEY)
-        return None if raw is None else codec.decode_text(raw)
+        """Model version recorded by the last batch that gave one, None when never set.
+
+        Kept in memory beside the applied offset (read at open, set after each write that
+        records one): the consumer asks for it per partition per micro-batch.
+        """
+        self._live()
+        return self._model_version
 
     def _multi_get(self, name: str, user_ids: Iterable[str], decode: Callable[[bytes], T]) -> dict[str, T]:
         ids = list(dict.fromkeys(user_ids))
@@ -511,6 +517,8 @@ class PartitionStore:
         except Exception as exc:
             raise StateStoreError(f"{self.name}: writing batch at offset {offset} failed: {exc}") from exc
         self._applied = offset
+        if model_version is not None:
+            self._model_version = model_version
         return entries
 
     def commit_model_switch(self, vectors: Mapping[str, VectorRecord], model_version: str) -> list[OutboxEntry]:
@@ -545,6 +553,7 @@ class PartitionStore:
             db.rdict.write(batch, self._write_opts)
         except Exception as exc:
             raise StateStoreError(f"{self.name}: writing the switch to {model_version} failed: {exc}") from exc
+        self._model_version = model_version
         return entries
 
     def ack_outbox(self, keys: Iterable[bytes]) -> None:

@@ -266,6 +266,6 @@ def test_latency_samples_are_bounded_to_the_most_recent(monkeypatch):
         stats.add_latencies(np.full(4, float(batch)))
     kept = np.concatenate(stats.latencies_ms)
     assert kept.tolist() == [4.0] * 4 + [5.0] * 4  # the newest batches, at most 10 values
-    stats.latencies_ms.clear()  # as the benchmark does between runs
+    stats.clear_latencies()  # as the benchmark does between runs
     stats.add_latencies(np.ones(3))
     assert stats.latency_percentiles(50) == [1.0]
