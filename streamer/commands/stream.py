@@ -113,6 +113,19 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Stop signals are honoured from here on: one that arrives while topics are checked and
+    # the model loads ends the command with exit 0 before it joins the group.
+    service: FoldService | None = None
+    stop_requested = False
+
+    def request_stop(signum, _frame) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        if service is not None:
+            service.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
     ensure_topics(config.kafka)
     bar = ProgressLine("run", stream=sys.stderr)
     metrics = Metrics()
@@ -134,8 +147,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     service = FoldService(config, on_batch=on_batch)
     monitor.model_loaded(service)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: service.stop())
+    if stop_requested:
+        scheduler.close()
+        print("stopped before start: applied 0, published 0, dead-lettered 0")
+        return 0
+    logging.getLogger(__name__).info("consumer %d starting; SIGTERM/SIGINT finish the batch, "
+                                     "commit and exit", os.getpid())
     try:
         stats = service.run()
     finally:

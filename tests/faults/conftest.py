@@ -33,10 +33,7 @@ class ModuleProcess(ConsumerProcess):
     """``python -m MODULE ARGS...`` (a patched consumer) as a child process, logging like ConsumerProcess."""
 
     def __init__(self, module: str, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self._spawn([sys.executable, "-m", module, *map(str, args)], log_path)
 
 
 def committed_offsets(config) -> dict[int, int | None]:

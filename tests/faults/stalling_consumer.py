@@ -71,6 +71,7 @@ def main() -> None:
     PartitionStore.commit_batch = commit_batch
     service = FoldService(load_config(config_path))
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    say("SIGTERM/SIGINT finish the batch")  # what ConsumerProcess.terminate waits for
     stats = service.run()
     say(f"stopped: applied {stats.applied}")
 

@@ -87,3 +87,25 @@ def test_model_commands(tmp_path, capsys):
     assert shown["version"] == "v000001" and shown["active"] and shown["k"] == 4
     assert run_cli("model", "promote", "v000009", "--registry", reg) == 2
     assert "v000009 not found" in capsys.readouterr().err
+
+
+def test_run_stopped_while_starting_exits_0_without_joining(make_app_config, tmp_path, monkeypatch,
+                                                            capsys):
+    # SIGTERM lands while the topics are checked: the command ends before the consumer exists.
+    import os
+    import signal
+
+    from streamer.commands import stream
+    from streamer.service import FoldService
+    from tests.streamer.conftest import write_config
+
+    path = write_config(make_app_config(partitions=1), tmp_path / "fs.toml")
+    monkeypatch.setattr(stream, "ensure_topics", lambda _k: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(FoldService, "start", lambda self: pytest.fail("joined the group"))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert main(["run", "--config", str(path), "--quiet"]) == 0
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert "stopped before start" in capsys.readouterr().out

@@ -20,20 +20,34 @@ from tests.streamer.test_service import latest_by_key, read_topic, send_all, str
 class ConsumerProcess:
     """``foldstream run --config FILE`` as a child process, its stderr captured to a file."""
 
+    STARTED = b"SIGTERM/SIGINT finish the batch"  # logged once the stop handlers are in place
+
     def __init__(self, config_path: Path, log_path: Path) -> None:
+        self._spawn([sys.executable, "-m", "streamer.cli", "run", "--config", str(config_path),
+                     "--quiet"], log_path)
+
+    def _spawn(self, argv: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamer.cli", "run", "--config", str(config_path), "--quiet"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
+        self.log_start = self.log.tell()  # several processes may share one log
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         self.log.close()
 
+    def started(self) -> bool:
+        """True once this process logged that SIGTERM stops it cleanly (Python's imports
+        come first, and a SIGTERM during them ends the process with the default action)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            return self.STARTED in f.read()
+
     def terminate(self, timeout_s: float = 30) -> int:
+        deadline = time.monotonic() + 60
+        while self.proc.poll() is None and not self.started() and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout_s)
         self.log.close()
