@@ -50,6 +50,13 @@ class LoadedModel:
         return fold_in_rows(self.solver, *_rows(histories, indices),
                             self.params.half_life_seconds)
 
+    def fold_rows(self, indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
+                  times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`fold` of histories given as columns: row ``r`` owns events
+        ``indptr[r]:indptr[r+1]``, ``indices`` their :meth:`item_indices`."""
+        return fold_in_rows(self.solver, indptr, indices, weights, times,
+                            self.params.half_life_seconds)
+
     def losses(self, histories: Sequence[UserHistory],
                vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fold-in loss of each history at its vector, on the training loss's scale.

@@ -8,8 +8,9 @@ and :meth:`PartitionProcessor.apply`:
 2. decode (:class:`streamer.events.EventDecoder`): interaction, forget, or rejection;
 3. group interactions by user, in offset order; a forget resets the user's history;
 4. load the touched users' histories (from :class:`HistoryCache`, the recently updated
-   users kept in memory, else from the store) and append the new events to all of them in
-   one pass (:func:`streamer.codec.append_histories`: dedupe by event id, cap by config);
+   users kept in memory, else from the store) as columns and append the new events to all
+   of them in one kernel call (:mod:`streamer.history_kernels`: dedupe by event id, order
+   by time, cap by config);
 5. fold every changed user in with ONE batched exact solve against the active model;
 6. commit histories, vectors, deletes, outbox and the applied offset in one WriteBatch.
 """
@@ -24,16 +25,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from streamer.codec import (
-    OutboxEntry,
-    UserHistory,
-    VectorRecord,
-    append_histories,
-    decode_history_trusted,
-    encode_history,
-)
+from streamer.codec import OutboxEntry, UserHistory, VectorRecord, encode_history
 from streamer.config import ProcessingConfig
 from streamer.events import EventDecoder, Forget, Interaction, Rejected
+from streamer.history_kernels import HistoryColumns, encode_histories, merge_new_events, parse_histories
 from streamer.model import LoadedModel
 from streamer.store import PartitionStore
 
@@ -161,58 +156,90 @@ class PartitionProcessor:
                 times = [times[j] for j in keep]
                 hashes = [hashes[j] for j in keep]
 
-        # Step 4: base histories from the cache or the store, then one append for all users.
+        # Step 4: base histories (encoded) from the cache or the store, as columns; then
+        # the new events, grouped by user in arrival order, merged in by one kernel call.
         cache = self._cache(store, model)
-        stored = store.get_histories([u for u, r in zip(users, reset.tolist())
-                                      if not r and u not in cache])
-        bases, base_indices = [], []
-        for user, r in zip(users, reset.tolist()):
-            base, indices = (_EMPTY, _NO_INDICES) if r else cache.get(user, stored)
-            bases.append(base)
-            base_indices.append(indices)
-        fresh = np.array([not r and len(b) == 0 for r, b in zip(reset.tolist(), bases)], dtype=bool)
-        batch = append_histories(
-            bases, base_indices, seg_a, [item.encode("utf-8") for item in items],
-            np.array(weights, dtype=np.float32), np.array(times, dtype=np.float64),
-            np.array(hashes, dtype=np.uint64), model.item_indices(items),
-            max_events=self.config.history_cap)
-        outcome.duplicates = int(batch.duplicates.sum())
-        outcome.evicted = int(batch.evicted.sum())
+        reset_l = reset.tolist()
+        stored = store.get_encoded_histories([u for u, r in zip(users, reset_l)
+                                              if not r and u not in cache])
+        blobs, base_rows = [], []
+        for user, r in zip(users, reset_l):
+            blob, rows = (_EMPTY_BLOB, _NO_INDICES) if r else cache.get(user, stored)
+            blobs.append(blob)
+            base_rows.append(rows)
+        n_users = len(users)
+        by_user = np.argsort(seg_a, kind="stable")
+        counts = np.bincount(seg_a, minlength=n_users)
+        new_ptr = np.zeros(n_users + 1, np.int64)
+        np.cumsum(counts, out=new_ptr[1:])
+        new_ids = [item.encode("utf-8") for item in items]
+        new_len = np.fromiter(map(len, new_ids), dtype=np.int64, count=len(new_ids))
+        new_pos = np.zeros(len(new_ids), np.int64)
+        np.cumsum(new_len[:-1], out=new_pos[1:])
+        tail = b"".join(new_ids)
+        old = parse_histories(blobs, tail)
+        new_pos += old.id_buf.shape[0] - len(tail)
+        new_t = np.array(times, dtype=np.float64)[by_user]
+        new_h = np.array(hashes, dtype=np.uint64)[by_user]
+        ptr, source, added, duplicates, evicted = merge_new_events(
+            old.ptr, old.times, old.hashes, new_ptr, new_t, new_h, self.config.history_cap)
+        outcome.duplicates = int(duplicates.sum())
+        outcome.evicted = int(evicted.sum())
         outcome.applied = len(items) - outcome.duplicates
-        counts = np.bincount(seg_a, minlength=len(users))
+        fresh = ~reset & (old.counts == 0)
         deleted = reset & (counts == 0)
-        changed = ((batch.added > 0) | reset | (batch.evicted > 0)) & ~deleted
+        changed = ((added > 0) | reset | (evicted > 0)) & ~deleted
         deletes = [users[u] for u in np.flatnonzero(deleted).tolist()]
-        histories = {users[u]: batch.histories[u] for u in np.flatnonzero(changed).tolist()}
-        indices = {users[u]: batch.extras[u] for u in np.flatnonzero(changed).tolist()}
+        # The changed users' merged histories: every column picked by ``source`` at once.
+        if not changed.all():
+            merged_counts = np.diff(ptr)
+            source = source[np.repeat(changed, merged_counts)]
+            ptr = np.zeros(int(changed.sum()) + 1, np.int64)
+            np.cumsum(merged_counts[changed], out=ptr[1:])
+        changed_users = [users[u] for u in np.flatnonzero(changed).tolist()]
+        merged = HistoryColumns(
+            ptr,
+            np.concatenate([old.weights, np.array(weights, dtype=np.float32)[by_user]])[source],
+            np.concatenate([old.times, new_t])[source],
+            np.concatenate([old.hashes, new_h])[source],
+            np.concatenate([old.id_pos, new_pos[by_user]])[source],
+            np.concatenate([old.id_len, new_len[by_user]])[source],
+            old.id_buf)
+        rows = np.concatenate([*base_rows, model.item_indices(items)[by_user]])[source]
         outcome.applied_items = items
         outcome.new_users = int(np.count_nonzero(fresh & (counts > 0)))
-        outcome.new_user_events = int(counts[fresh].sum()) if len(counts) else 0
+        outcome.new_user_events = int(counts[fresh].sum()) if n_users else 0
         # A sample is enough for the cosine-shift histogram; reading every updated user's
         # vector would add a RocksDB multi-get of the whole batch to the hot path.
         outcome.previous_vectors = {
             user: record.vector
-            for user, record in store.get_vectors(list(histories)[:DRIFT_SAMPLE_USERS]).items()
+            for user, record in store.get_vectors(changed_users[:DRIFT_SAMPLE_USERS]).items()
             if record.model_version == model.version
         }
 
+        # Step 5: one exact solve for every changed user.
         started = time.perf_counter()
-        vectors, unknown = model.fold_indexed(list(histories.values()), list(indices.values()))
+        vectors, unknown = model.fold_rows(merged.ptr, rows, merged.weights, merged.times)
         outcome.fold_seconds = time.perf_counter() - started
         outcome.unknown_item_events = int(unknown.sum())
-        processed_at = time.time()
-        records = dict(zip(histories, VectorRecord.many(
-            vectors, model.version, [len(h) for h in histories.values()],
-            [h.last_event_time for h in histories.values()], processed_at)))
+        lengths = np.diff(merged.ptr)
+        last_times = np.full(len(changed_users), np.nan)
+        nonempty = lengths > 0
+        last_times[nonempty] = merged.times[merged.ptr[1:][nonempty] - 1]
+        records = dict(zip(changed_users, VectorRecord.many(
+            vectors, model.version, lengths.tolist(), last_times.tolist(), time.time())))
         outcome.users_updated = len(records)
         outcome.vectors = records
 
+        # Step 6: one WriteBatch; the cache takes the very bytes written, once they are.
         started = time.perf_counter()
-        encoded = {user: encode_history(history) for user, history in histories.items()}
+        encoded = dict(zip(changed_users, encode_histories(merged)))
         outcome.outbox = store.commit_batch(encoded, records, deletes, outcome.last_offset,
                                             model_version=model.version)
         outcome.write_seconds = time.perf_counter() - started
-        cache.committed(encoded, indices, deletes)
+        bounds = merged.ptr.tolist()
+        cache.committed(encoded, {u: rows[a:b] for u, a, b in zip(changed_users, bounds, bounds[1:])},
+                        deletes)
         return outcome
 
     def _cache(self, store: PartitionStore, model: LoadedModel) -> "HistoryCache":
@@ -227,7 +254,7 @@ class PartitionProcessor:
         self._caches.pop(store, None)
 
 
-_EMPTY = UserHistory.empty()
+_EMPTY_BLOB = encode_history(UserHistory.empty())
 _NO_INDICES = np.empty(0, np.int32)
 
 
@@ -258,15 +285,16 @@ class HistoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, user: str, stored: dict[str, UserHistory]) -> tuple[UserHistory, np.ndarray]:
-        """The cached entry, else the history read from the store (indexed now), else empty."""
+    def get(self, user: str, stored: dict[str, tuple[bytes, UserHistory]]) -> tuple[bytes, np.ndarray]:
+        """The cached entry, else the history read from the store (indexed now), else empty:
+        the encoded history and the model row of each of its items."""
         entry = self._entries.get(user)
         if entry is not None:
-            return decode_history_trusted(entry[0]), entry[1]
-        history = stored.get(user)
-        if history is None:
-            return _EMPTY, _NO_INDICES
-        return history, self.model.item_indices(history.item_ids)
+            return entry
+        found = stored.get(user)
+        if found is None:
+            return _EMPTY_BLOB, _NO_INDICES
+        return found[0], self.model.item_indices(found[1].item_ids)
 
     def committed(self, encoded: dict[str, bytes], indices: dict[str, np.ndarray],
                   deletes: list[str]) -> None:

@@ -1,0 +1,92 @@
+"""The batched history kernels against their NumPy references in streamer.codec."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer import codec
+from streamer.codec import UserHistory
+from streamer.history_kernels import HistoryColumns, encode_histories, merge_new_events, parse_histories
+
+ids = st.text(max_size=6)
+# Few distinct times and hashes: ties, late events and duplicates are the cases that matter.
+times = st.sampled_from([0.0, 1.0, 1.5, 2.0, 3.0, -4.0, 1e9])
+hashes = st.one_of(st.just(0), st.integers(1, 4), st.integers(0, 2**64 - 1))
+weights = st.floats(0, 100, width=32)
+events = st.lists(st.tuples(ids, weights, times, hashes), max_size=12)
+users = st.lists(st.tuples(events, events), min_size=1, max_size=6)  # (stored, new) per user
+
+
+def history(evs, cap):
+    items, w, t, h = zip(*evs) if evs else ((), (), (), ())
+    return UserHistory.empty().append(list(items), w, t, h, max_events=cap).history
+
+
+def user_columns(columns: HistoryColumns, u: int):
+    a, b = columns.ptr[u], columns.ptr[u + 1]
+    buf = columns.id_buf.tobytes()
+    items = tuple(buf[p:p + n].decode("utf-8")
+                  for p, n in zip(columns.id_pos[a:b].tolist(), columns.id_len[a:b].tolist()))
+    return items, columns.weights[a:b], columns.times[a:b], columns.hashes[a:b]
+
+
+def assert_same(columns: HistoryColumns, u: int, expected: UserHistory):
+    items, w, t, h = user_columns(columns, u)
+    assert items == expected.item_ids
+    assert np.array_equal(w, expected.weights)
+    assert np.array_equal(t, expected.times)
+    assert np.array_equal(h, expected.event_hashes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(users, st.integers(1, 8))
+def test_parse_and_encode_match_the_per_history_codec(data, cap):
+    histories = [history(stored, cap) for stored, _ in data]
+    blobs = [codec.encode_history(h) for h in histories]
+    columns = parse_histories(blobs, tail="é-tail".encode())
+    for u, h in enumerate(histories):
+        assert_same(columns, u, h)
+    assert columns.id_buf.tobytes().endswith("é-tail".encode())
+    assert encode_histories(columns) == blobs
+
+
+@settings(max_examples=300, deadline=None)
+@given(users, st.integers(1, 8), st.randoms(use_true_random=False))
+def test_merge_matches_append_histories(data, cap, rnd):
+    bases = [history(stored, cap) for stored, _ in data]
+    # The batch's events in an arbitrary arrival order across users, each user's in order.
+    arrivals = [(u, e) for u, (_, new) in enumerate(data) for e in new]
+    queues = {u: [e for v, e in arrivals if v == u] for u in range(len(data))}
+    order = [u for u, _ in arrivals]
+    rnd.shuffle(order)
+    arrived = [(u, queues[u].pop(0)) for u in order]
+    seg = np.array([u for u, _ in arrived], dtype=np.int64)
+    new = [e for _, e in arrived]
+    items = [e[0].encode("utf-8") for e in new]
+    w = np.array([e[1] for e in new], dtype=np.float32)
+    t = np.array([e[2] for e in new], dtype=np.float64)
+    h = np.array([e[3] for e in new], dtype=np.uint64)
+    expected = codec.append_histories(bases, [np.zeros(len(b), np.int32) for b in bases], seg, items, w, t, h,
+                                      np.zeros(len(new), np.int32), max_events=cap)
+
+    old = parse_histories([codec.encode_history(b) for b in bases])
+    by_user = np.argsort(seg, kind="stable")
+    new_ptr = np.zeros(len(bases) + 1, np.int64)
+    np.cumsum(np.bincount(seg, minlength=len(bases)), out=new_ptr[1:])
+    ptr, source, added, duplicates, evicted = merge_new_events(
+        old.ptr, old.times, old.hashes, new_ptr, t[by_user], h[by_user], cap)
+
+    assert added.tolist() == expected.added.tolist()
+    assert duplicates.tolist() == expected.duplicates.tolist()
+    assert evicted.tolist() == expected.evicted.tolist()
+    new_blob = b"".join(items)
+    new_len = np.array([len(i) for i in items], dtype=np.int64)
+    new_pos = np.concatenate([[0], np.cumsum(new_len)[:-1]]).astype(np.int64) + old.id_buf.shape[0]
+    buf = np.frombuffer(old.id_buf.tobytes() + new_blob, np.uint8)
+    merged = HistoryColumns(
+        ptr, np.concatenate([old.weights, w[by_user]])[source], np.concatenate([old.times, t[by_user]])[source],
+        np.concatenate([old.hashes, h[by_user]])[source], np.concatenate([old.id_pos, new_pos[by_user]])[source],
+        np.concatenate([old.id_len, new_len[by_user]])[source], buf)
+    for u, want in enumerate(expected.histories):
+        assert_same(merged, u, want)
+    assert encode_histories(merged) == [codec.encode_history(x) for x in expected.histories]
