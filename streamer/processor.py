@@ -71,8 +71,10 @@ class BatchOutcome:
     previous_vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-# Updated users per micro-batch whose previous vector is read for drift (cosine shift).
-DRIFT_SAMPLE_USERS = 256
+# Updated users per micro-batch whose previous vector is read for drift (cosine shift):
+# batches come several times a second per partition, so a small sample of each fills the
+# histogram, where reading every user's vector cost as much as the fold-in in small batches.
+DRIFT_SAMPLE_USERS = 32
 
 # What one cached user costs beyond its events, in events (an event is about 40 bytes in
 # the cache; ``processing.history_cache_events`` bounds the cache per process).
@@ -205,7 +207,8 @@ class PartitionProcessor:
             np.concatenate([old.id_pos, new_pos[by_user]])[source],
             np.concatenate([old.id_len, new_len[by_user]])[source],
             old.id_buf)
-        rows = np.concatenate([*base_rows, model.item_indices(items)[by_user]])[source]
+        base_rows.append(model.item_indices(items)[by_user].astype("=i4").tobytes())
+        rows = np.frombuffer(b"".join(base_rows), dtype="=i4")[source]
         outcome.applied_items = items
         outcome.new_users = int(np.count_nonzero(fresh & (counts > 0)))
         outcome.new_user_events = int(counts[fresh].sum()) if n_users else 0
@@ -237,8 +240,9 @@ class PartitionProcessor:
         outcome.outbox = store.commit_batch(encoded, records, deletes, outcome.last_offset,
                                             model_version=model.version)
         outcome.write_seconds = time.perf_counter() - started
-        bounds = merged.ptr.tolist()
-        cache.committed(encoded, {u: rows[a:b] for u, a, b in zip(changed_users, bounds, bounds[1:])},
+        rows_mem = rows.tobytes()
+        bounds = (4 * merged.ptr).tolist()
+        cache.committed(encoded, {u: rows_mem[a:b] for u, a, b in zip(changed_users, bounds, bounds[1:])},
                         deletes)
         return outcome
 
@@ -255,15 +259,15 @@ class PartitionProcessor:
 
 
 _EMPTY_BLOB = encode_history(UserHistory.empty())
-_NO_INDICES = np.empty(0, np.int32)
+_NO_INDICES = b""
 
 
 class HistoryCache:
     """Histories of recently updated users of ONE partition store, with their item indices.
 
     Holds the very bytes the store committed (entries are installed only after the
-    WriteBatch that holds them was written) and a copy of each history's item rows in the
-    model, so a user found here needs neither a RocksDB read, nor a validating decode, nor
+    WriteBatch that holds them was written) and each history's item rows in the model
+    (native int32 bytes), so a user found here needs neither a RocksDB read, nor a validating decode, nor
     a lookup of every item of its history in the model: an update then costs a few NumPy
     calls whatever the history's length. Bounded by ``max_events`` cached events; the
     least recently updated users go first. Tied to one model: the indices are its rows.
@@ -272,11 +276,12 @@ class HistoryCache:
     def __init__(self, model: LoadedModel, max_events: int) -> None:
         self.model = model
         self.max_events = max_events
-        # user -> (encoded history, item indices): a bytes object and an array, neither of
-        # which the garbage collector tracks, so a big cache does not slow its passes.
+        # user -> (encoded history, item rows): two bytes objects, which the garbage
+        # collector does not track (a big cache does not slow its passes) and which a batch
+        # joins into one buffer without a per-user NumPy call.
         # An OrderedDict: evicting its oldest entry is O(1), where a dict's first key after
         # many deletions costs a scan over the deleted slots.
-        self._entries: OrderedDict[str, tuple[bytes, np.ndarray]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
         self._events = 0
 
     def __contains__(self, user: str) -> bool:
@@ -285,33 +290,35 @@ class HistoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, user: str, stored: dict[str, tuple[bytes, UserHistory]]) -> tuple[bytes, np.ndarray]:
+    def get(self, user: str, stored: dict[str, tuple[bytes, UserHistory]]) -> tuple[bytes, bytes]:
         """The cached entry, else the history read from the store (indexed now), else empty:
-        the encoded history and the model row of each of its items."""
+        the encoded history and the model row of each of its items (native int32 bytes)."""
         entry = self._entries.get(user)
         if entry is not None:
             return entry
         found = stored.get(user)
         if found is None:
             return _EMPTY_BLOB, _NO_INDICES
-        return found[0], self.model.item_indices(found[1].item_ids)
+        return found[0], self.model.item_indices(found[1].item_ids).astype("=i4").tobytes()
 
-    def committed(self, encoded: dict[str, bytes], indices: dict[str, np.ndarray],
+    def committed(self, encoded: dict[str, bytes], rows: dict[str, bytes],
                   deletes: list[str]) -> None:
         """Install what a batch wrote (call only after its WriteBatch was written)."""
+        entries = self._entries
         for user in deletes:
             self._drop(user)
+        added = 0
         for user, blob in encoded.items():
             self._drop(user)  # re-inserted last: the order is update order
-            rows = indices[user].copy()  # a view into the whole batch's array: not kept
-            rows.flags.writeable = False
-            self._entries[user] = (blob, rows)
-            self._events += len(rows) + ENTRY_OVERHEAD_EVENTS
-        while self._events > self.max_events and self._entries:
-            _, (_, rows) = self._entries.popitem(last=False)
-            self._events -= len(rows) + ENTRY_OVERHEAD_EVENTS
+            user_rows = rows[user]
+            entries[user] = (blob, user_rows)
+            added += len(user_rows)
+        self._events += added // 4 + ENTRY_OVERHEAD_EVENTS * len(encoded)
+        while self._events > self.max_events and entries:
+            _, (_, user_rows) = entries.popitem(last=False)
+            self._events -= len(user_rows) // 4 + ENTRY_OVERHEAD_EVENTS
 
     def _drop(self, user: str) -> None:
         old = self._entries.pop(user, None)
         if old is not None:
-            self._events -= len(old[1]) + ENTRY_OVERHEAD_EVENTS
+            self._events -= len(old[1]) // 4 + ENTRY_OVERHEAD_EVENTS

@@ -79,9 +79,9 @@ def test_cached_histories_give_the_same_state_as_reading_the_store(tmp_path, syn
         for row, user in enumerate(users):
             assert vectors[user][0] == reference[row].tobytes()
 
-        # Cached columns own their memory: a view would keep a whole batch's arrays alive.
+        # Cached entries are bytes of their own: a view would keep a whole batch's arrays alive.
         for entry in cached._caches[a]._entries.values():
-            assert all(column.base is None for column in entry[1:])
+            assert all(type(part) is bytes for part in entry)
 
         cached.forget(a)
         assert a not in cached._caches
