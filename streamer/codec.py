@@ -608,15 +608,18 @@ class VectorRecord:
         if counts and not (0 <= min(counts) and max(counts) < 2**63):
             raise InvalidRecordError(f"n_interactions must be >= 0, got {min(counts)}")
         processed_at = float(processed_at)
+        lasts = [float(t) for t in last_event_times]
+        encoded = _encode_vector_records(vectors, model_version, counts, lasts, processed_at)
         records = []
         new, setattr_ = object.__new__, object.__setattr__
-        for vector, n, last in zip(vectors, counts, last_event_times):
+        for vector, n, last, blob in zip(vectors, counts, lasts, encoded):
             record = new(cls)
             setattr_(record, "vector", vector)
             setattr_(record, "model_version", model_version)
             setattr_(record, "n_interactions", n)
-            setattr_(record, "last_event_time", float(last))
+            setattr_(record, "last_event_time", last)
             setattr_(record, "processed_at", processed_at)
+            setattr_(record, "_encoded", blob)  # what encode_vector_record would give
             records.append(record)
         return records
 
@@ -640,6 +643,25 @@ class VectorRecord:
             f"n_interactions={self.n_interactions}, last_event_time={self.last_event_time}, "
             f"processed_at={self.processed_at})"
         )
+
+
+def _encode_vector_records(vectors: np.ndarray, model_version: str, counts: list[int],
+                           lasts: list[float], processed_at: float) -> list[bytes]:
+    """:func:`encode_vector_record` of many records of one model version, in one pass:
+    every record then has the same length, so all are rows of one byte matrix."""
+    version = model_version.encode("utf-8")
+    n, k = vectors.shape
+    head = _VECTOR_HEAD.size
+    size = head + len(version) + 4 * k
+    rows = np.empty((n, size), np.uint8)
+    rows[:, :5] = np.frombuffer(struct.pack("<BI", VECTOR_FORMAT, k), np.uint8)
+    rows[:, 5:13] = np.asarray(counts, dtype="<i8").reshape(n, 1).view(np.uint8)
+    rows[:, 13:21] = np.asarray(lasts, dtype="<f8").reshape(n, 1).view(np.uint8)
+    rows[:, 21:head] = np.frombuffer(struct.pack("<dH", processed_at, len(version)), np.uint8)
+    rows[:, head:head + len(version)] = np.frombuffer(version, np.uint8)
+    rows[:, head + len(version):] = np.ascontiguousarray(vectors, dtype="<f4").view(np.uint8)
+    mem = rows.tobytes()
+    return [mem[i:i + size] for i in range(0, n * size, size)]
 
 
 def encode_vector_record(record: VectorRecord) -> bytes:

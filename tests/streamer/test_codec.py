@@ -342,3 +342,16 @@ def test_history_pickles_and_copies():
     history = build([("映画", 1.0, 1.0, 5), ("b", 2.0, 2.0, 0)]).history
     assert pickle.loads(pickle.dumps(history)) == history
     assert copy.deepcopy(history) == history
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 5), st.integers(0, 9), st.text(max_size=8),
+       st.lists(st.floats(allow_nan=True), min_size=5, max_size=5), st.floats(allow_nan=False))
+def test_many_pre_encodes_the_bytes_encode_vector_record_writes(n, k, version, lasts, processed_at):
+    vectors = np.arange(n * k, dtype=np.float32).reshape(n, k) / 7
+    records = VectorRecord.many(vectors, version, range(n), lasts[:n], processed_at)
+    for record in records:
+        fresh = VectorRecord(record.vector, record.model_version, record.n_interactions,
+                             record.last_event_time, record.processed_at)
+        assert codec.encode_vector_record(record) == codec.encode_vector_record(fresh)
+        assert codec.decode_vector_record(codec.encode_vector_record(record)) == record
