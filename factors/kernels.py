@@ -859,28 +859,40 @@ def sum_rows_by_item(indptr, indices, weights, out_indptr, out_indices, out_weig
     Row ``r`` owns events ``indptr[r]:indptr[r+1]``; ``indices < 0`` are unknown items and
     skipped. Fills ``out_indptr`` (m + 1) and the first ``out_indptr[m]`` entries of
     ``out_indices`` / ``out_weights``; returns ``out_indptr[m]``. Sums are float64, added
-    in event order (a stable sort per row): the same value whoever calls it, the
-    streaming consumer or the offline fold-in. One pass per row, O(n log n) in the row's
-    length; the NumPy reference sorts the whole batch (lexsort + ``add.reduceat``).
+    in event order: the same value whoever calls it, the streaming consumer or the offline
+    fold-in. Per row one pass over its events (a slot per item, in a scratch array as
+    long as the largest item index) and a sort of its distinct items only; the NumPy
+    reference sorts the whole batch (lexsort + ``add.reduceat``).
     """
     m = indptr.shape[0] - 1
+    n_items = 0
+    for j in range(indptr[m]):
+        n_items = max(n_items, indices[j] + 1)
+    slot = np.full(n_items, -1, np.int64)  # item -> its position in the row's sums
+    sums = np.empty(indptr[m], np.float64)
     pos = 0
     out_indptr[0] = 0
     for r in range(m):
         lo, hi = indptr[r], indptr[r + 1]
-        if hi > lo:
-            order = np.argsort(indices[lo:hi], kind="mergesort")
-            last = -1
-            for j in order:
-                item = indices[lo + j]
-                if item < 0:
-                    continue
-                if item != last:
-                    out_indices[pos] = item
-                    out_weights[pos] = weights[lo + j]
-                    pos += 1
-                    last = item
-                else:
-                    out_weights[pos - 1] += weights[lo + j]
+        d = 0
+        for j in range(lo, hi):
+            item = indices[j]
+            if item < 0:
+                continue
+            at = slot[item]
+            if at < 0:
+                slot[item] = d
+                out_indices[pos + d] = item
+                sums[d] = weights[j]
+                d += 1
+            else:
+                sums[at] += weights[j]
+        row = out_indices[pos:pos + d]
+        row.sort()
+        for q in range(d):
+            item = row[q]
+            out_weights[pos + q] = sums[slot[item]]
+            slot[item] = -1
+        pos += d
         out_indptr[r + 1] = pos
     return pos
