@@ -179,7 +179,7 @@ class FoldIn:
         """Number of rows of the fixed side (valid column indices are 0..n_items-1)."""
         return self.Y.shape[0]
 
-    def solve(self, indptr, indices, weights) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, indptr, indices, weights, *, serial: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Fold in a batch of rows given in CSR form over raw weights.
 
         Parameters
@@ -190,6 +190,9 @@ class FoldIn:
         weights : float array [nnz]
             Raw weights ``r >= 0``, aggregated per (row, item) by the caller or not:
             repeated items in a row add up as separate terms.
+        serial : bool, optional
+            Solve on the calling thread (True) or numba's thread pool (False); by default
+            the pool takes batches of more than ``SERIAL_MAX_ROWS`` rows. Same results.
 
         Returns
         -------
@@ -208,7 +211,9 @@ class FoldIn:
         m = indptr.shape[0] - 1
         out = np.empty((m, self.factors), dtype=np.float32)
         unknown = np.empty(m, dtype=np.int64)
-        kernel = kernels.solve_rows_exact_serial if m <= SERIAL_MAX_ROWS else kernels.solve_rows_exact
+        if serial is None:
+            serial = m <= SERIAL_MAX_ROWS
+        kernel = kernels.solve_rows_exact_serial if serial else kernels.solve_rows_exact
         kernel(indptr, indices, conf, self.Y, self.G, self.Z, self.Linv, out, unknown,
                self.woodbury_max)
         return out, unknown

@@ -173,12 +173,16 @@ def fold_in_users(
 
 
 def fold_in_rows(solver: FoldIn, indptr, indices, weights, times=None,
-                 half_life_seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row event lists (item index -1 = unknown) -> exact vectors and unknown counts."""
+                 half_life_seconds: float | None = None, *,
+                 serial: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row event lists (item index -1 = unknown) -> exact vectors and unknown counts.
+
+    ``serial``: as :meth:`FoldIn.solve`.
+    """
     agg_indptr, agg_indices, agg_weights, unknown = aggregate_rows(
         indptr, indices, weights, times, half_life_seconds
     )
-    vectors, _ = solver.solve(agg_indptr, agg_indices, agg_weights)
+    vectors, _ = solver.solve(agg_indptr, agg_indices, agg_weights, serial=serial)
     return vectors, unknown
 
 

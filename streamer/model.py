@@ -53,9 +53,14 @@ class LoadedModel:
     def fold_rows(self, indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
                   times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`fold` of histories given as columns: row ``r`` owns events
-        ``indptr[r]:indptr[r+1]``, ``indices`` their :meth:`item_indices`."""
+        ``indptr[r]:indptr[r+1]``, ``indices`` their :meth:`item_indices`.
+
+        Solved on the calling thread: a micro-batch is a few hundred users, for which
+        waking numba's thread pool costs more than it saves, and its spinning threads
+        take the CPU the Kafka clients' threads (and, on a small host, the broker) need.
+        """
         return fold_in_rows(self.solver, indptr, indices, weights, times,
-                            self.params.half_life_seconds)
+                            self.params.half_life_seconds, serial=True)
 
     def losses(self, histories: Sequence[UserHistory],
                vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
