@@ -34,31 +34,26 @@ def main() -> None:
     original_switch = PartitionStore.commit_model_switch
     original_commit_offsets = FoldService._commit
 
-    def commit_batch(self, *args, **kwargs):
-        calls["batches"] += 1
-        if stage == "before_write" and calls["batches"] == n:
-            die()
-        entries = original_commit(self, *args, **kwargs)
-        if stage == "after_write" and calls["batches"] == n:
-            die()
-        return entries
+    def dying_around(original, counter: str, before: str, after: str):
+        """``original``, killed before or after its n-th call at those stages."""
+        def wrapped(self, *args, **kwargs):
+            calls[counter] += 1
+            if stage == before and calls[counter] == n:
+                die()
+            entries = original(self, *args, **kwargs)
+            if stage == after and calls[counter] == n:
+                die()
+            return entries
+        return wrapped
 
     def commit_offsets(self, sync):
         if stage == "after_publish" and calls["batches"] >= n:
             die()
         return original_commit_offsets(self, sync)
 
-    def commit_model_switch(self, *args, **kwargs):
-        calls["switches"] += 1
-        if stage == "switch_before_write" and calls["switches"] == n:
-            die()
-        entries = original_switch(self, *args, **kwargs)
-        if stage == "switch_after_write" and calls["switches"] == n:
-            die()
-        return entries
-
-    PartitionStore.commit_batch = commit_batch
-    PartitionStore.commit_model_switch = commit_model_switch
+    PartitionStore.commit_batch = dying_around(original_commit, "batches", "before_write", "after_write")
+    PartitionStore.commit_model_switch = dying_around(original_switch, "switches", "switch_before_write",
+                                                      "switch_after_write")
     FoldService._commit = commit_offsets
     service = FoldService(load_config(config_path))
     signal.signal(signal.SIGTERM, lambda *_: service.stop())

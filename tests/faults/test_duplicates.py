@@ -36,18 +36,24 @@ def run_to_end(config, path, log, total: int, port: int | None = None, expect: i
     return counts
 
 
-def test_offsets_reset_backwards_change_no_state(make_app_config, make_kafka_producer,
-                                                 synthetic_log, tmp_path):
-    # No event ids: a record applied a second time would lengthen its user's history.
+def first_run(make_app_config, producer, events, first: int, tmp_path):
+    """Config (with a metrics port), its file and port; ``events[:first]`` sent and applied
+    by one ``foldstream run``; the state snapshot after it."""
     port = free_port()
     config = make_app_config(partitions=2, processing={"batch_max_records": 50, "batch_max_ms": 10},
                              metrics={"host": "127.0.0.1", "port": port})
     path = write_config(config, tmp_path / "fs.toml")
+    send_all(producer, config.kafka.input_topic, events[:first])
+    run_to_end(config, path, tmp_path / "first.log", first)
+    return config, path, port, snapshot(config)
+
+
+def test_offsets_reset_backwards_change_no_state(make_app_config, make_kafka_producer,
+                                                 synthetic_log, tmp_path):
+    # No event ids: a record applied a second time would lengthen its user's history.
     events = stream_events(synthetic_log, 3000, 1200, with_ids=False)
     producer = make_kafka_producer()
-    send_all(producer, config.kafka.input_topic, events[:1000])
-    run_to_end(config, path, tmp_path / "first.log", 1000)
-    before = snapshot(config)
+    config, path, port, before = first_run(make_app_config, producer, events, 1000, tmp_path)
 
     # Move the group's committed offsets backwards: partition 0 to the start, 1 to its middle.
     k = config.kafka
@@ -73,15 +79,9 @@ def test_offsets_reset_backwards_change_no_state(make_app_config, make_kafka_pro
 
 def test_resent_event_ids_are_dropped_as_duplicates(make_app_config, make_kafka_producer,
                                                     synthetic_log, tmp_path):
-    port = free_port()
-    config = make_app_config(partitions=2, processing={"batch_max_records": 50, "batch_max_ms": 10},
-                             metrics={"host": "127.0.0.1", "port": port})
-    path = write_config(config, tmp_path / "fs.toml")
     events = stream_events(synthetic_log, 3000, 1000, with_ids=True)
     producer = make_kafka_producer()
-    send_all(producer, config.kafka.input_topic, events)
-    run_to_end(config, path, tmp_path / "first.log", len(events))
-    before = snapshot(config)
+    config, path, port, before = first_run(make_app_config, producer, events, len(events), tmp_path)
 
     # A producer retries the first 400 events (same event ids, new offsets): half of them
     # before the consumer restarts, half while it runs.

@@ -103,12 +103,7 @@ def test_librdkafka_consumer_decodes_published_vectors(make_app_config, make_kaf
     config = make_app_config(partitions=1)
     events = stream_events(synthetic_log, 3000, 200)
     send_all(make_kafka_producer(), config.kafka.input_topic, events)
-    service = FoldService(config)
-    service.start()
-    try:
-        run_until(service, lambda s: s.stats.applied >= len(events))
-    finally:
-        service.close()
+    run_service(config, lambda s: s.stats.applied >= len(events))
 
     consumer = RdKafkaConsumer({"bootstrap.servers": kafka_broker.bootstrap,
                                 "group.id": "rdkafka-reader", "enable.auto.commit": False})

@@ -25,7 +25,7 @@ from streamer.store import PartitionStore
 from streamer.switch import ModelCache, switch_partition
 from streamer.verify import verify
 from tests.streamer.conftest import TEST_PARAMS, offline_vectors, run_until, write_config
-from tests.streamer.test_service import latest_by_key, read_topic, send_all, stream_events
+from tests.streamer.test_service import latest_by_key, read_topic, run_service, send_all, stream_events
 from tests.streamer.test_service_processes import ConsumerProcess, applied_events, wait_for
 
 V1, V2 = "v000001", "v000002"
@@ -235,12 +235,7 @@ def test_partition_assigned_on_an_old_version_switches_before_its_batches(
     producer = make_kafka_producer()
     first, later = stream_events(synthetic_log, 3000, 600), stream_events(synthetic_log, 3600, 400)
     send_all(producer, config.kafka.input_topic, first)
-    service = FoldService(config)
-    service.start()
-    try:
-        run_until(service, lambda s: s.stats.applied >= len(first))
-    finally:
-        service.close()
+    run_service(config, lambda s: s.stats.applied >= len(first))
 
     ModelRegistry(registry_dir).promote(V2)
     send_all(producer, config.kafka.input_topic, later)
