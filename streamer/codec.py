@@ -486,24 +486,6 @@ def encode_history(history: UserHistory) -> bytes:
     )
 
 
-def decode_history_trusted(buf: bytes) -> UserHistory:
-    """:func:`decode_history` for bytes this process encoded itself: views, no checks.
-
-    For the consumer's history cache, which keeps the exact bytes it wrote to RocksDB:
-    re-validating them on every update would cost more than keeping them decoded.
-    """
-    _, n = _HISTORY_HEAD.unpack_from(buf)
-    pos = _HISTORY_HEAD.size
-    columns = []
-    for dtype, native in (("<f4", np.float32), ("<f8", np.float64), ("<u8", np.uint64),
-                          ("<u4", np.int64)):
-        column = np.frombuffer(buf, dtype=dtype, count=n, offset=pos)
-        columns.append(column.astype(native, copy=False))  # a copy only on big-endian hosts
-        pos += n * column.itemsize
-    weights, times, hashes, lengths = columns
-    return UserHistory._from_columns(buf[pos:], _frozen(lengths), weights, times, hashes)
-
-
 def decode_history(buf: bytes) -> UserHistory:
     """The :class:`UserHistory` in ``buf``; :class:`StoreFormatError` if it is not one."""
     what = "user history"

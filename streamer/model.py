@@ -41,14 +41,7 @@ class LoadedModel:
 
     def fold(self, histories: Iterable[UserHistory]) -> tuple[np.ndarray, np.ndarray]:
         """Exact vectors for many histories in one solve; also the unknown-item event counts."""
-        histories = list(histories)
-        return self.fold_indexed(histories, [self.item_indices(h.item_ids) for h in histories])
-
-    def fold_indexed(self, histories: Sequence[UserHistory],
-                     indices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`fold`, given each history's :meth:`item_indices` (kept by the caller)."""
-        return fold_in_rows(self.solver, *_rows(histories, indices),
-                            self.params.half_life_seconds)
+        return fold_in_rows(self.solver, *self._rows(list(histories)), self.params.half_life_seconds)
 
     def fold_rows(self, indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
                   times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,14 +67,23 @@ class LoadedModel:
         -------
         loss, weight : float64 [len(histories)]
         """
-        histories = list(histories)
         agg_indptr, agg_items, agg_weights, _ = aggregate_rows(
-            *_rows(histories, [self.item_indices(h.item_ids) for h in histories]),
-            self.params.half_life_seconds)
+            *self._rows(list(histories)), self.params.half_life_seconds)
         yty, share = self._loss_constants()
         return foldin_losses(agg_indptr, agg_items, scale_weights(agg_weights, self.params.confidence),
                              np.asarray(vectors, dtype=np.float64), self.item_factors,
                              self.params.regularization, YtY=yty, item_share=share)
+
+    def _rows(self, histories: Sequence[UserHistory]):
+        """Histories as per-row event lists: (indptr, item rows, weights, times)."""
+        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        indptr = np.zeros(len(histories) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        if not histories:
+            return indptr, np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float64)
+        return (indptr, np.concatenate([self.item_indices(h.item_ids) for h in histories]),
+                np.concatenate([h.weights for h in histories]),
+                np.concatenate([h.times for h in histories]))
 
     def _loss_constants(self) -> tuple[np.ndarray, float]:
         """``Y^T Y`` and one training user's share of the item penalty (computed once)."""
@@ -92,14 +94,3 @@ class LoadedModel:
             self._loss_terms = (yty, share)
         return self._loss_terms
 
-
-def _rows(histories: Sequence[UserHistory], indices: Sequence[np.ndarray]):
-    """Histories as per-row event lists: (indptr, item rows, weights, times)."""
-    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-    indptr = np.zeros(len(histories) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    if not histories:
-        return indptr, np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float64)
-    return (indptr, np.concatenate(indices).astype(np.int32, copy=False),
-            np.concatenate([h.weights for h in histories]),
-            np.concatenate([h.times for h in histories]))

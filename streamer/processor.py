@@ -166,7 +166,7 @@ class PartitionProcessor:
                                               if not r and u not in cache])
         blobs, base_rows = [], []
         for user, r in zip(users, reset_l):
-            blob, rows = (_EMPTY_BLOB, _NO_INDICES) if r else cache.get(user, stored)
+            blob, rows = (_EMPTY_BLOB, _NO_ROWS) if r else cache.get(user, stored)
             blobs.append(blob)
             base_rows.append(rows)
         n_users = len(users)
@@ -225,12 +225,10 @@ class PartitionProcessor:
         vectors, unknown = model.fold_rows(merged.ptr, rows, merged.weights, merged.times)
         outcome.fold_seconds = time.perf_counter() - started
         outcome.unknown_item_events = int(unknown.sum())
-        lengths = np.diff(merged.ptr)
-        last_times = np.full(len(changed_users), np.nan)
-        nonempty = lengths > 0
-        last_times[nonempty] = merged.times[merged.ptr[1:][nonempty] - 1]
+        # A changed user has events (a user left with none is deleted): its newest is its last.
         records = dict(zip(changed_users, VectorRecord.many(
-            vectors, model.version, lengths.tolist(), last_times.tolist(), time.time())))
+            vectors, model.version, np.diff(merged.ptr).tolist(),
+            merged.times[merged.ptr[1:] - 1].tolist(), time.time())))
         outcome.users_updated = len(records)
         outcome.vectors = records
 
@@ -259,7 +257,7 @@ class PartitionProcessor:
 
 
 _EMPTY_BLOB = encode_history(UserHistory.empty())
-_NO_INDICES = b""
+_NO_ROWS = b""
 
 
 class HistoryCache:
@@ -267,9 +265,8 @@ class HistoryCache:
 
     Holds the very bytes the store committed (entries are installed only after the
     WriteBatch that holds them was written) and each history's item rows in the model
-    (native int32 bytes), so a user found here needs neither a RocksDB read, nor a validating decode, nor
-    a lookup of every item of its history in the model: an update then costs a few NumPy
-    calls whatever the history's length. Bounded by ``max_events`` cached events; the
+    (native int32 bytes), so a user found here needs neither a RocksDB read, nor a
+    validating decode, nor a lookup of every item of its history in the model. Bounded by ``max_events`` cached events; the
     least recently updated users go first. Tied to one model: the indices are its rows.
     """
 
@@ -298,7 +295,7 @@ class HistoryCache:
             return entry
         found = stored.get(user)
         if found is None:
-            return _EMPTY_BLOB, _NO_INDICES
+            return _EMPTY_BLOB, _NO_ROWS
         return found[0], self.model.item_indices(found[1].item_ids).astype("=i4").tobytes()
 
     def committed(self, encoded: dict[str, bytes], rows: dict[str, bytes],
