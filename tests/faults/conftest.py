@@ -69,11 +69,18 @@ def metric(port: int, name: str) -> float:
 
 
 class BackgroundProducer:
-    """Sends ``events`` from a thread at about ``rate`` per second; :meth:`join` waits for the acks."""
+    """Sends ``events`` from a thread at about ``rate`` per second; :meth:`join` waits for the acks.
 
-    def __init__(self, bootstrap: str, topic: str, events: list[dict], rate: float) -> None:
+    ``hold_at``: after that many events the thread waits until :meth:`release`, so a test can
+    make sure the rest is sent after something it does (a freeze, a kill), however slow the host.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, events: list[dict], rate: float,
+                 hold_at: int | None = None) -> None:
         self.bootstrap, self.topic, self.events, self.rate = bootstrap, topic, events, rate
+        self.hold_at = hold_at
         self.sent = 0
+        self._released = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fault-producer", daemon=True)
 
@@ -81,11 +88,18 @@ class BackgroundProducer:
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        """Let a producer held at ``hold_at`` go on."""
+        self._released.set()
+
     def _run(self) -> None:
         producer = make_producer(self.bootstrap)
         try:
             started = time.monotonic()
             for n, event in enumerate(self.events):
+                if n == self.hold_at:
+                    self._released.wait()
+                    started = time.monotonic() - n / self.rate
                 lead = started + n / self.rate - time.monotonic()
                 if lead > 0:
                     time.sleep(lead)
