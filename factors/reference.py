@@ -12,6 +12,7 @@ __all__ = [
     "gram",
     "inverse_cholesky",
     "loss_from_grams",
+    "solve_rows_cached",
     "solve_rows_cg",
     "solve_rows_cholesky",
     "solve_rows_exact",
@@ -104,6 +105,19 @@ def solve_rows_exact(indptr, indices, conf, Y, G, Z, Linv, out, unknown, woodbur
         S_inv = np.diag([1.0 / float(conf[e]) for e in pos])
         GU = Ginv @ U
         out[u] = Gb - GU @ _solve(S_inv + U.T @ GU, U.T @ Gb)
+
+
+def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_indices, old_conf,
+                      Y, G, A_slab, b_slab, out):
+    """Twin of :func:`factors.gram_cache.solve_rows_cached`: every slot rebuilt from its new
+    row, whatever it held (the old rows do not matter: an update must land where a rebuild
+    does). Writes the full symmetric ``A`` into the slot; the kernel writes its lower triangle.
+    """
+    for r, u in enumerate(rows):
+        A, b, _ = _row_system(indptr, indices, conf, Y, G, u)
+        A_slab[slots[r]] = A
+        b_slab[slots[r]] = b
+        out[u] = _solve(A, b)
 
 
 def solve_rows_cg(indptr, indices, conf, Y, G, X, cg_steps):

@@ -65,6 +65,7 @@ class ProcessingConfig:
     batch_max_ms: int = 50
     history_cap: int = 1_000
     history_cache_events: int = 2_000_000
+    gram_cache_bytes: int = 64 * 2**20
     max_id_bytes: int = 256
     default_weight: float = 1.0
     event_weights: Mapping[str, float] = field(
@@ -80,6 +81,8 @@ class ProcessingConfig:
                  f"processing.history_cap must be >= 1, got {self.history_cap}")
         _require(self.history_cache_events >= 0,
                  f"processing.history_cache_events must be >= 0, got {self.history_cache_events}")
+        _require(self.gram_cache_bytes >= 0,
+                 f"processing.gram_cache_bytes must be >= 0, got {self.gram_cache_bytes}")
         _require(self.max_id_bytes >= 1,
                  f"processing.max_id_bytes must be >= 1, got {self.max_id_bytes}")
         _require(self.default_weight >= 0,

@@ -9,6 +9,7 @@ import numpy as np
 from factors.data import scale_weights
 from factors.drift import foldin_losses, item_regularization_share
 from factors.foldin import FoldIn
+from factors.gram_cache import GramCache
 from factors.pipeline import TrainParams, fold_in_rows
 from factors.rows import aggregate_rows
 from streamer.codec import UserHistory
@@ -44,16 +45,34 @@ class LoadedModel:
         return fold_in_rows(self.solver, *self._rows(list(histories)), self.params.half_life_seconds)
 
     def fold_rows(self, indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
-                  times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  times: np.ndarray, *, keys: Sequence[str] | None = None,
+                  grams: GramCache | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`fold` of histories given as columns: row ``r`` owns events
         ``indptr[r]:indptr[r+1]``, ``indices`` their :meth:`item_indices`.
+
+        With ``grams`` (from :meth:`gram_cache`) and ``keys`` (the users, one per row), long
+        histories are solved from their cached normal equations, updated by what changed.
 
         Solved on the calling thread: a micro-batch is a few hundred users, for which
         waking numba's thread pool costs more than it saves, and its spinning threads
         take the CPU the Kafka clients' threads (and, on a small host, the broker) need.
         """
-        return fold_in_rows(self.solver, indptr, indices, weights, times,
-                            self.params.half_life_seconds, serial=True)
+        if grams is None:
+            return fold_in_rows(self.solver, indptr, indices, weights, times,
+                                self.params.half_life_seconds, serial=True)
+        if grams.solver is not self.solver:
+            raise ValueError(f"the Gram cache belongs to another model than {self.version}")
+        agg_indptr, agg_indices, agg_weights, unknown = aggregate_rows(
+            indptr, indices, weights, times, self.params.half_life_seconds)
+        return grams.solve(keys, agg_indptr, agg_indices, agg_weights), unknown
+
+    def gram_cache(self, max_bytes: int) -> GramCache | None:
+        """A :class:`GramCache` for :meth:`fold_rows` of at most ``max_bytes``; None when it
+        cannot help: no memory, or time decay, which re-weights a user's every event at each
+        new one (an update would cost a rebuild)."""
+        if max_bytes <= 0 or self.params.half_life_seconds is not None:
+            return None
+        return GramCache(self.solver, max_bytes)
 
     def losses(self, histories: Sequence[UserHistory],
                vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

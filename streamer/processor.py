@@ -11,7 +11,8 @@ and :meth:`PartitionProcessor.apply`:
    users kept in memory, else from the store) as columns and append the new events to all
    of them in one kernel call (:mod:`streamer.history_kernels`: dedupe by event id, order
    by time, cap by config);
-5. fold every changed user in with ONE batched exact solve against the active model;
+5. fold every changed user in with ONE batched exact solve against the active model
+   (users with long histories from their cached normal equations, :mod:`factors.gram_cache`);
 6. commit histories, vectors, deletes, outbox and the applied offset in one WriteBatch.
 """
 
@@ -25,6 +26,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from factors.gram_cache import GramCache
 from streamer.codec import OutboxEntry, UserHistory, VectorRecord, encode_history
 from streamer.config import ProcessingConfig
 from streamer.events import EventDecoder, Forget, Interaction, Rejected
@@ -89,6 +91,7 @@ class PartitionProcessor:
         self.decoder = EventDecoder(config)
         self.cache_events = config.history_cache_events if cache_events is None else cache_events
         self._caches: weakref.WeakKeyDictionary[PartitionStore, HistoryCache] = weakref.WeakKeyDictionary()
+        self._grams: tuple[LoadedModel | None, GramCache | None] = (None, None)
 
     def decode(self, store: PartitionStore, records: Sequence[RawRecord]) -> tuple[list, BatchOutcome]:
         """Steps 1-2: the records still to apply, decoded, and the rejections among them."""
@@ -222,7 +225,8 @@ class PartitionProcessor:
 
         # Step 5: one exact solve for every changed user.
         started = time.perf_counter()
-        vectors, unknown = model.fold_rows(merged.ptr, rows, merged.weights, merged.times)
+        vectors, unknown = model.fold_rows(merged.ptr, rows, merged.weights, merged.times,
+                                           keys=changed_users, grams=self._gram_cache(model))
         outcome.fold_seconds = time.perf_counter() - started
         outcome.unknown_item_events = int(unknown.sum())
         # A changed user has events (a user left with none is deleted): its newest is its last.
@@ -250,6 +254,13 @@ class PartitionProcessor:
             cache = self._caches[store] = HistoryCache(model, self.cache_events)
         cache.max_events = self.cache_events // len(self._caches)  # one budget for all partitions
         return cache
+
+    def _gram_cache(self, model: LoadedModel) -> GramCache | None:
+        """The normal equations of long histories, one cache per model for all partitions
+        (an entry holds the row it was built from, so it never needs invalidating)."""
+        if self._grams[0] is not model:
+            self._grams = (model, model.gram_cache(self.config.gram_cache_bytes))
+        return self._grams[1]
 
     def forget(self, store: PartitionStore) -> None:
         """Drop what is cached for ``store`` (call when the store is closed)."""

@@ -101,3 +101,33 @@ def test_the_cache_keeps_to_its_bound_and_is_tied_to_one_model(tmp_path, synthet
         run(processor, store, other, recs[1500:], batch=10)
         assert processor._caches[store] is not cache
         assert processor._caches[store].model is other
+
+
+def test_cached_normal_equations_give_the_vectors_of_a_full_solve(tmp_path, synthetic_log,
+                                                                    trained_registry):
+    # Small batches: the same long histories come back batch after batch, as in a live
+    # stream, so most of their solves are updates of cached normal equations (k = 8 here:
+    # every history of more than 8 distinct items is cached). Late events, duplicates,
+    # forgets and the cap's evictions all reach the updates.
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    recs = records(synthetic_log, 3000, seed=7)
+    with_grams = PartitionProcessor(ProcessingConfig(history_cap=40))
+    without = PartitionProcessor(ProcessingConfig(history_cap=40, gram_cache_bytes=0))
+    with PartitionStore.open(tmp_path / "a", "t", 0) as a, PartitionStore.open(tmp_path / "b", "t", 0) as b:
+        run(with_grams, a, model, recs, batch=23)
+        run(without, b, model, recs, batch=23)
+        grams = with_grams._grams[1]
+        assert grams.hits > 200 and grams.misses > 0 and without._grams[1] is None
+        histories_a, vectors_a = contents(a)
+        histories_b, vectors_b = contents(b)
+        assert histories_a == histories_b and vectors_a.keys() == vectors_b.keys()
+        for user, (vector, n, last) in vectors_a.items():
+            assert (n, last) == vectors_b[user][1:]
+            np.testing.assert_allclose(np.frombuffer(vector, np.float32),
+                                       np.frombuffer(vectors_b[user][0], np.float32),
+                                       rtol=1e-5, atol=1e-6)
+        # A new model object gets a cache of its own: entries hold the old model's G and Y.
+        other = LoadedModel(ModelRegistry(trained_registry).load())
+        more = [r._replace(offset=r.offset + len(recs)) for r in records(synthetic_log, 30, seed=8)]
+        run(with_grams, a, other, more, batch=30)
+        assert with_grams._grams[0] is other and with_grams._grams[1] is not grams

@@ -1,0 +1,282 @@
+"""Normal equations of recently folded rows, kept and updated by what changed.
+
+An exact fold-in of a row (a user) with ``n`` distinct items builds ``A = G + sum s y y^T``
+in ``n k^2 / 2`` multiply-adds and factorises it in ``k^3 / 6``. In a stream, the same
+active users come back batch after batch with one or two new events on top of hundreds of
+old ones, so rebuilding ``A`` is nearly all of their cost. :class:`GramCache` keeps ``A``
+and ``b = sum (1 + s) y`` of the rows it solved, with the aggregated row they were built
+from, and on the next solve of the same row applies only the difference::
+
+    A += sum_j (s_new_j - s_old_j) y_j y_j^T        over items whose confidence changed
+    b += sum_j (p_new_j (1 + s_new_j) - p_old_j (1 + s_old_j)) y_j    (p: item in the row)
+
+That is the same sum in another order, so the solution is the one a rebuild gives up to
+float64 rounding (far below the float32 the vectors are stored in); every
+``refresh_every`` updates an entry is rebuilt from its row anyway, which bounds the rounding
+and keeps each entry's error independent of its age. An entry is self-contained: it holds
+the row its ``A`` and ``b`` were built from, so it stays exact whatever happened to the row
+in between (another process folded it, the caller dropped a batch).
+
+Only rows longer than the solver's Woodbury cutoff are cached (shorter ones are solved
+without any k x k matrix and cost less than a cache update). A row's weights must not all
+change between solves (time decay re-weights every event at each new one), or the update
+costs as much as a rebuild: callers leave the cache out then.
+
+NumPy reference of the kernel: :func:`factors.reference.solve_rows_cached`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable, Sequence
+
+import numpy as np
+from numba import njit
+
+from factors.errors import DataError
+from factors.foldin import FoldIn
+from factors.kernels import _FASTMATH, _cholesky_solve, _syr8_lower, _syr_lower, solve_rows_exact_serial
+
+__all__ = ["GramCache", "solve_rows_cached"]
+
+REFRESH_EVERY = 64  # updates of an entry before it is rebuilt from its row
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _flush(A, Yb, tb, nb, k):
+    if nb == 8:
+        _syr8_lower(A, Yb, tb, k)
+    else:
+        for q in range(nb):
+            _syr_lower(A, Yb[q], tb[q], k)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_indices, old_conf,
+                      Y, G, A_slab, b_slab, out):
+    """Bring cached normal equations up to date with their rows and solve them.
+
+    Parameters
+    ----------
+    rows : int64[q]
+        Rows of the CSR ``(indptr, indices, conf)`` to solve (and of ``out``).
+    slots : int64[q]
+        Cache slot of each: ``A_slab[slot]`` (lower triangle) and ``b_slab[slot]``.
+    rebuild : bool[q]
+        True: build the slot from the row (``A = G + sum s y y^T``, ``b = sum (1 + s) y``)
+        in the order :func:`factors.kernels.solve_rows_exact` uses, so the vector is that
+        kernel's bit for bit. False: the slot holds the system of the old row
+        ``old_ptr[r]:old_ptr[r+1]`` of ``(old_indices, old_conf)``; add the difference.
+    indptr : int64[m + 1]; indices : int32 (sorted, unique and valid within a row); conf : float32
+    old_ptr : int64[q + 1]; old_indices : int32 (sorted, unique); old_conf : float32
+    Y : float32[n, k]; G : float64[k, k]
+    A_slab : float64[slots, k, k]; b_slab : float64[slots, k]
+        Updated in place.
+    out : float32[m, k]
+        Written at ``rows``; NaN where a system is not numerically positive definite.
+    """
+    k = Y.shape[1]
+    A = np.empty((k, k))
+    b = np.empty(k)
+    x = np.empty(k)
+    Yb = np.empty((8, k))
+    tb = np.empty(8)
+    for r in range(rows.shape[0]):
+        u = rows[r]
+        As = A_slab[slots[r]]
+        bs = b_slab[slots[r]]
+        nb = 0
+        if rebuild[r]:
+            for a in range(k):
+                bs[a] = 0.0
+                for c in range(a + 1):
+                    As[a, c] = G[a, c]
+            for e in range(indptr[u], indptr[u + 1]):
+                j = indices[e]
+                s = np.float64(conf[e])
+                w = 1.0 + s
+                for a in range(k):
+                    v = np.float64(Y[j, a])
+                    bs[a] += w * v
+                    Yb[nb, a] = v
+                if s == 0.0:
+                    continue
+                tb[nb] = s
+                nb += 1
+                if nb == 8:
+                    _syr8_lower(As, Yb, tb, k)
+                    nb = 0
+        else:
+            # Merge-walk the old and the new row (both sorted by item): every item whose
+            # confidence changed, appeared or went contributes its difference.
+            e, f = indptr[u], old_ptr[r]
+            e_end, f_end = indptr[u + 1], old_ptr[r + 1]
+            while e < e_end or f < f_end:
+                if f >= f_end or (e < e_end and indices[e] < old_indices[f]):
+                    j = indices[e]
+                    ds = np.float64(conf[e])
+                    dw = 1.0 + ds
+                    e += 1
+                elif e >= e_end or old_indices[f] < indices[e]:
+                    j = old_indices[f]
+                    ds = -np.float64(old_conf[f])
+                    dw = ds - 1.0
+                    f += 1
+                else:
+                    j = indices[e]
+                    ds = np.float64(conf[e]) - np.float64(old_conf[f])
+                    dw = ds
+                    e += 1
+                    f += 1
+                if ds == 0.0 and dw == 0.0:
+                    continue
+                for a in range(k):
+                    v = np.float64(Y[j, a])
+                    bs[a] += dw * v
+                    Yb[nb, a] = v
+                if ds == 0.0:
+                    continue
+                tb[nb] = ds
+                nb += 1
+                if nb == 8:
+                    _syr8_lower(As, Yb, tb, k)
+                    nb = 0
+        _flush(As, Yb, tb, nb, k)
+        for a in range(k):
+            b[a] = bs[a]
+            for c in range(a + 1):
+                A[a, c] = As[a, c]
+        _cholesky_solve(A, b, x, k)
+        for a in range(k):
+            out[u, a] = np.float32(x[a])
+
+
+class GramCache:
+    """Exact fold-in of rows identified by keys, keeping the normal equations of long rows.
+
+    :meth:`solve` gives what :meth:`FoldIn.solve` gives for the same aggregated rows (up to
+    float64 rounding for rows served from the cache, bit for bit otherwise); rows with more
+    than ``solver.woodbury_max`` entries keep their ``A`` and ``b`` (about ``8 k^2`` bytes)
+    in a fixed slab of at most ``max_bytes``, least recently solved out first.
+
+    Parameters
+    ----------
+    solver : FoldIn
+        The model to fold against; one cache per model (the entries hold its ``G`` and ``Y``).
+    max_bytes : int
+        Memory for the slab; the entries' rows come on top (8 bytes per entry). 0 disables
+        the cache (every row goes to the solver).
+    refresh_every : int
+        Updates of an entry before it is rebuilt from its row.
+    """
+
+    def __init__(self, solver: FoldIn, max_bytes: int, refresh_every: int = REFRESH_EVERY) -> None:
+        if max_bytes < 0:
+            raise DataError(f"max_bytes must be >= 0, got {max_bytes}")
+        if refresh_every < 1:
+            raise DataError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.solver = solver
+        self.refresh_every = int(refresh_every)
+        k = solver.factors
+        self.capacity = int(max_bytes) // (8 * k * (k + 1))
+        # np.empty: pages are only touched (and counted in RSS) as slots fill.
+        self._A = np.empty((self.capacity, k, k))
+        self._b = np.empty((self.capacity, k))
+        # key -> slot, least recently solved first; per slot: (row items, row conf, updates)
+        self._slots: OrderedDict[Hashable, int] = OrderedDict()
+        self._rows: list[tuple[np.ndarray, np.ndarray, int] | None] = [None] * self.capacity
+        self._free = list(range(self.capacity - 1, -1, -1))
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._slots
+
+    def solve(self, keys: Sequence[Hashable], indptr, indices, weights) -> np.ndarray:
+        """Vectors of aggregated rows (as :meth:`FoldIn.solve`: sorted, unique, known items).
+
+        ``keys[r]`` names row ``r`` (a user id) across calls; keys must be distinct.
+        Returns float32 [m, k].
+        """
+        solver = self.solver
+        indptr, indices, conf = solver._check_batch(indptr, indices, weights)
+        m = indptr.shape[0] - 1
+        if len(keys) != m:
+            raise DataError(f"keys must name each of the {m} rows, got {len(keys)}")
+        if indices.size and (indices.min() < 0 or indices.max() >= solver.n_items):
+            raise DataError("rows must hold known items only (aggregate them first)")
+        out = np.empty((m, solver.factors), dtype=np.float32)
+        lengths = np.diff(indptr)
+        cached = np.flatnonzero(lengths > solver.woodbury_max) if self.capacity else np.zeros(0, np.int64)
+        cached = cached[:self.capacity]  # a slot used twice in one call would mix two rows
+        if len(cached) and len(set(keys[r] for r in cached.tolist())) < len(cached):
+            raise DataError("keys must be distinct")
+        direct = np.ones(m, dtype=bool)
+        direct[cached] = False
+        if direct.any():
+            self._solve_direct(np.flatnonzero(direct), indptr, indices, conf, out)
+        if len(cached):
+            self._solve_cached(keys, cached, indptr, indices, conf, out)
+        return out
+
+    def _solve_direct(self, rows, indptr, indices, conf, out) -> None:
+        lengths = np.diff(indptr)[rows]
+        sub_ptr = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lengths, out=sub_ptr[1:])
+        take = np.repeat(indptr[rows] - sub_ptr[:-1], lengths) + np.arange(sub_ptr[-1])
+        sub_out = np.empty((len(rows), self.solver.factors), dtype=np.float32)
+        unknown = np.empty(len(rows), dtype=np.int64)
+        s = self.solver
+        solve_rows_exact_serial(sub_ptr, indices[take], conf[take], s.Y, s.G, s.Z, s.Linv,
+                                sub_out, unknown, s.woodbury_max)
+        out[rows] = sub_out
+
+    def _solve_cached(self, keys, rows, indptr, indices, conf, out) -> None:
+        # Python lists, not NumPy item assignment: this loop runs once per cached row.
+        slots, rebuild, updates, old_items, old_conf = [], [], [], [], []
+        entries, row_of, free, refresh = self._slots, self._rows, self._free, self.refresh_every
+        rows_l = rows.tolist()
+        for u in rows_l:
+            key = keys[u]
+            slot = entries.get(key)
+            if slot is None:
+                slot = entries[key] = free.pop() if free else self._evict()
+                old = None
+            else:
+                entries.move_to_end(key)
+                old = row_of[slot]
+            if old is not None and old[2] + 1 < refresh:
+                old_items.append(old[0])
+                old_conf.append(old[1])
+                rebuild.append(False)
+                updates.append(old[2] + 1)
+            else:
+                rebuild.append(True)
+                updates.append(0)
+            slots.append(slot)
+        q = len(rows_l)
+        self.misses += q - len(old_items)
+        self.hits += len(old_items)
+        rebuild_a = np.array(rebuild, dtype=bool)
+        old_len = np.zeros(q, np.int64)
+        old_len[~rebuild_a] = [len(items) for items in old_items]
+        old_ptr = np.zeros(q + 1, np.int64)
+        np.cumsum(old_len, out=old_ptr[1:])
+        s = self.solver
+        solve_rows_cached(rows.astype(np.int64), np.array(slots, np.int64), rebuild_a, indptr,
+                          indices, conf, old_ptr,
+                          np.concatenate(old_items) if old_items else np.zeros(0, np.int32),
+                          np.concatenate(old_conf) if old_conf else np.zeros(0, np.float32),
+                          s.Y, s.G, self._A, self._b, out)
+        # Each slot now holds the system of its new row: record that row beside it.
+        bounds = indptr.tolist()
+        for u, slot, n in zip(rows_l, slots, updates):
+            lo, hi = bounds[u], bounds[u + 1]
+            row_of[slot] = (indices[lo:hi].copy(), conf[lo:hi].copy(), n)
+
+    def _evict(self) -> int:
+        _, slot = self._slots.popitem(last=False)
+        self._rows[slot] = None
+        return slot
