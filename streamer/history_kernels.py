@@ -24,7 +24,7 @@ from typing import NamedTuple, Sequence
 import numba as nb
 import numpy as np
 
-from streamer.codec import HISTORY_FORMAT
+from streamer.codec import HISTORY_FORMAT, decode_history
 
 _HEAD = 5  # format byte, uint32 event count
 _BYTES_PER_EVENT = 4 + 8 + 8 + 4  # weight, time, event hash, id length
@@ -102,6 +102,66 @@ def parse_histories(blobs: Sequence[bytes], tail: bytes = b"") -> HistoryColumns
     return HistoryColumns(ptr, wb.view("<f4").astype(np.float32, copy=False),
                           tb.view("<f8").astype(np.float64, copy=False),
                           hb.view("<u8").astype(np.uint64, copy=False), id_pos, id_len, buf)
+
+
+@nb.njit(cache=True, nogil=True)
+def _plainly_valid(buf, a, b, fmt):
+    """Whether ``buf[a:b]`` is an encoded history with ASCII item ids that
+    :func:`streamer.codec.decode_history` accepts (False: not known to be one)."""
+    size = b - a
+    if size < _HEAD or buf[a] != fmt:
+        return False
+    n = _read_u32(buf, a + 1)
+    fixed = _HEAD + _BYTES_PER_EVENT * n
+    if size < fixed:
+        return False
+    # Columns start at any offset: copy each value into aligned scratch (little-endian
+    # host, as parse_histories assumes).
+    w4 = np.empty(4, np.uint8)
+    t8 = np.empty(8, np.uint8)
+    wv = w4.view(np.float32)
+    tv = t8.view(np.float64)
+    previous = -np.inf
+    for i in range(n):
+        w4[:] = buf[a + _HEAD + 4 * i:a + _HEAD + 4 * i + 4]
+        t8[:] = buf[a + _HEAD + 4 * n + 8 * i:a + _HEAD + 4 * n + 8 * i + 8]
+        if not (np.isfinite(wv[0]) and np.isfinite(tv[0])) or tv[0] < previous:
+            return False
+        previous = tv[0]
+    ids = 0
+    at = a + _HEAD + 20 * n
+    for i in range(n):
+        ids += _read_u32(buf, at + 4 * i)
+    if ids != size - fixed:
+        return False
+    for i in range(a + fixed, b):
+        if buf[i] >= 0x80:
+            return False
+    return True
+
+
+@nb.njit(cache=True, nogil=True)
+def _check_all(buf, starts, ends, fmt, ok):
+    for u in range(starts.shape[0]):
+        ok[u] = _plainly_valid(buf, starts[u], ends[u], fmt)
+
+
+def check_histories(blobs: Sequence[bytes]) -> None:
+    """Raise :class:`streamer.errors.StoreFormatError` unless every blob is a valid encoded
+    history: what :func:`streamer.codec.decode_history` (the reference) checks, in one kernel
+    call for histories with ASCII item ids; any other blob goes to that function itself.
+
+    Call on bytes read from the store before :func:`parse_histories`, which trusts them.
+    """
+    if not blobs:
+        return
+    lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+    ends = np.cumsum(lengths)
+    buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    ok = np.zeros(len(blobs), np.bool_)
+    _check_all(buf, ends - lengths, ends, HISTORY_FORMAT, ok)
+    for u in np.flatnonzero(~ok).tolist():
+        decode_history(blobs[u])
 
 
 @nb.njit(cache=True, nogil=True)

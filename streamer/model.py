@@ -13,6 +13,7 @@ from factors.gram_cache import GramCache
 from factors.pipeline import TrainParams, fold_in_rows
 from factors.rows import aggregate_rows
 from streamer.codec import UserHistory
+from streamer.item_table import ItemTable
 from streamer.registry import ActiveModel
 
 
@@ -30,10 +31,19 @@ class LoadedModel:
         self.solver = FoldIn(artifact.item_factors, self.params.regularization, self.params.alpha,
                              scaling=self.params.scaling, epsilon=self.params.epsilon)
         self._loss_terms: tuple[np.ndarray, float] | None = None
+        self._item_ids = artifact.item_ids
+        self._item_table: ItemTable | None = None
 
     @property
     def factors(self) -> int:
         return int(self.item_factors.shape[1])
+
+    @property
+    def item_table(self) -> ItemTable:
+        """:meth:`item_indices` for ids given as UTF-8 bytes in a buffer (built on first use)."""
+        if self._item_table is None:
+            self._item_table = ItemTable(self._item_ids)
+        return self._item_table
 
     def item_indices(self, item_ids: Iterable[str]) -> np.ndarray:
         """Row of each item in the item factors, -1 for items the model does not know."""

@@ -30,7 +30,13 @@ from factors.gram_cache import GramCache
 from streamer.codec import OutboxEntry, UserHistory, VectorRecord, encode_history
 from streamer.config import ProcessingConfig
 from streamer.events import EventDecoder, Forget, Interaction, Rejected
-from streamer.history_kernels import HistoryColumns, encode_histories, merge_new_events, parse_histories
+from streamer.history_kernels import (
+    HistoryColumns,
+    check_histories,
+    encode_histories,
+    merge_new_events,
+    parse_histories,
+)
 from streamer.model import LoadedModel
 from streamer.store import PartitionStore
 
@@ -163,15 +169,25 @@ class PartitionProcessor:
 
         # Step 4: base histories (encoded) from the cache or the store, as columns; then
         # the new events, grouped by user in arrival order, merged in by one kernel call.
+        # A user missing from the cache is read from the store (checked: parse_histories
+        # trusts its input) and its items looked up once the batch's columns are parsed.
         cache = self._cache(store, model)
         reset_l = reset.tolist()
-        stored = store.get_encoded_histories([u for u, r in zip(users, reset_l)
-                                              if not r and u not in cache])
-        blobs, base_rows = [], []
-        for user, r in zip(users, reset_l):
-            blob, rows = (_EMPTY_BLOB, _NO_ROWS) if r else cache.get(user, stored)
-            blobs.append(blob)
-            base_rows.append(rows)
+        stored = store.get_raw_histories([u for u, r in zip(users, reset_l)
+                                          if not r and u not in cache])
+        check_histories(list(stored.values()))
+        blobs, base_rows, missed = [], [], []
+        for u, (user, r) in enumerate(zip(users, reset_l)):
+            entry = None if r else cache.get(user)
+            if entry is None:
+                blob = None if r else stored.get(user)
+                if blob is None:
+                    entry = _EMPTY_BLOB, _NO_ROWS
+                else:  # rows filled in below
+                    entry = blob, bytes(4 * int.from_bytes(blob[1:5], "little"))
+                    missed.append(u)
+            blobs.append(entry[0])
+            base_rows.append(entry[1])
         n_users = len(users)
         by_user = np.argsort(seg_a, kind="stable")
         counts = np.bincount(seg_a, minlength=n_users)
@@ -210,8 +226,16 @@ class PartitionProcessor:
             np.concatenate([old.id_pos, new_pos[by_user]])[source],
             np.concatenate([old.id_len, new_len[by_user]])[source],
             old.id_buf)
-        base_rows.append(model.item_indices(items)[by_user].astype("=i4").tobytes())
-        rows = np.frombuffer(b"".join(base_rows), dtype="=i4")[source]
+        table = model.item_table
+        base_rows.append(table.rows(old.id_buf, new_pos[by_user], new_len[by_user]).astype("=i4").tobytes())
+        all_rows = np.frombuffer(b"".join(base_rows), dtype="=i4")
+        if missed:
+            all_rows = all_rows.copy()
+            starts, ends = old.ptr[missed], old.ptr[np.asarray(missed) + 1]
+            events = np.repeat(starts - np.cumsum(np.r_[0, (ends - starts)[:-1]]), ends - starts)
+            events += np.arange(events.shape[0])
+            all_rows[events] = table.rows(old.id_buf, old.id_pos[events], old.id_len[events])
+        rows = all_rows[source]
         outcome.applied_items = items
         outcome.new_users = int(np.count_nonzero(fresh & (counts > 0)))
         outcome.new_user_events = int(counts[fresh].sum()) if n_users else 0
@@ -298,16 +322,10 @@ class HistoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, user: str, stored: dict[str, tuple[bytes, UserHistory]]) -> tuple[bytes, bytes]:
-        """The cached entry, else the history read from the store (indexed now), else empty:
-        the encoded history and the model row of each of its items (native int32 bytes)."""
-        entry = self._entries.get(user)
-        if entry is not None:
-            return entry
-        found = stored.get(user)
-        if found is None:
-            return _EMPTY_BLOB, _NO_ROWS
-        return found[0], self.model.item_indices(found[1].item_ids).astype("=i4").tobytes()
+    def get(self, user: str) -> tuple[bytes, bytes] | None:
+        """The user's encoded history and the model row of each of its items (native
+        int32 bytes), or None when the user is not cached."""
+        return self._entries.get(user)
 
     def committed(self, encoded: dict[str, bytes], rows: dict[str, bytes],
                   deletes: list[str]) -> None:

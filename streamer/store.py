@@ -415,9 +415,10 @@ class PartitionStore:
         """Histories of the users that have one (missing users are left out)."""
         return self._multi_get(HISTORIES, user_ids, codec.decode_history)
 
-    def get_encoded_histories(self, user_ids: Iterable[str]) -> dict[str, tuple[bytes, UserHistory]]:
-        """:meth:`get_histories`, each with the stored bytes it was decoded (and checked) from."""
-        return self._multi_get(HISTORIES, user_ids, lambda value: (value, codec.decode_history(value)))
+    def get_raw_histories(self, user_ids: Iterable[str]) -> dict[str, bytes]:
+        """The stored bytes of the users' histories, as read (unchecked: see
+        :func:`streamer.history_kernels.check_histories`); missing users are left out."""
+        return self._multi_get(HISTORIES, user_ids, bytes)
 
     def get_vectors(self, user_ids: Iterable[str]) -> dict[str, VectorRecord]:
         """Vector records of the users that have one (missing users are left out)."""

@@ -1,12 +1,20 @@
 """The batched history kernels against their NumPy references in streamer.codec."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamer import codec
 from streamer.codec import UserHistory
-from streamer.history_kernels import HistoryColumns, encode_histories, merge_new_events, parse_histories
+from streamer.errors import StoreFormatError
+from streamer.history_kernels import (
+    HistoryColumns,
+    check_histories,
+    encode_histories,
+    merge_new_events,
+    parse_histories,
+)
 
 ids = st.text(max_size=6)
 # Few distinct times and hashes: ties, late events and duplicates are the cases that matter.
@@ -90,3 +98,49 @@ def test_merge_matches_append_histories(data, cap, rnd):
     for u, want in enumerate(expected.histories):
         assert_same(merged, u, want)
     assert encode_histories(merged) == [codec.encode_history(x) for x in expected.histories]
+
+
+def _decodes(blob: bytes) -> bool:
+    try:
+        codec.decode_history(blob)
+    except StoreFormatError:
+        return False
+    return True
+
+
+def _mutations(blob: bytes, rnd) -> list[bytes]:
+    """Damaged copies of a valid blob: flipped, cut, grown, a NaN or unsorted column."""
+    out = [blob[:-1], blob + b"x", blob[:rnd.randrange(len(blob))], b"", bytes([0x12]) + blob[1:]]
+    raw = bytearray(blob)
+    at = rnd.randrange(len(raw))
+    raw[at] ^= 1 << rnd.randrange(8)
+    out.append(bytes(raw))
+    n = int.from_bytes(blob[1:5], "little")
+    if n:
+        i = rnd.randrange(n)
+        nan = bytearray(blob)
+        nan[5 + 4 * i:9 + 4 * i] = np.float32(np.nan).tobytes()
+        out.append(bytes(nan))
+        count = bytearray(blob)
+        count[1:5] = (n + 1).to_bytes(4, "little")
+        out.append(bytes(count))
+        late = bytearray(blob)
+        late[5 + 4 * n + 8 * i:13 + 4 * n + 8 * i] = np.float64(-1e300).tobytes()
+        out.append(bytes(late))  # unsorted unless it is the first event
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(events, min_size=1, max_size=5), st.randoms(use_true_random=False))
+def test_check_histories_accepts_exactly_what_decode_history_accepts(stored, rnd):
+    blobs = [codec.encode_history(history(evs, 8)) for evs in stored]
+    check_histories(blobs)  # valid: no error (ASCII or not)
+    for blob in blobs:
+        for bad in _mutations(blob, rnd):
+            if _decodes(bad):
+                check_histories(blobs + [bad])
+            else:
+                with pytest.raises(StoreFormatError):
+                    check_histories(blobs + [bad])
+                with pytest.raises(StoreFormatError):
+                    check_histories([bad] + blobs)

@@ -131,3 +131,24 @@ def test_cached_normal_equations_give_the_vectors_of_a_full_solve(tmp_path, synt
         more = [r._replace(offset=r.offset + len(recs)) for r in records(synthetic_log, 30, seed=8)]
         run(with_grams, a, other, more, batch=30)
         assert with_grams._grams[0] is other and with_grams._grams[1] is not grams
+
+
+def test_a_damaged_stored_history_stops_the_batch_before_anything_is_written(tmp_path, synthetic_log,
+                                                                              trained_registry):
+    from streamer.errors import StoreFormatError
+    from streamer.store import HISTORIES
+
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    recs = [r for r in records(synthetic_log, 400, seed=9) if r.value and r.value.startswith(b"{\"")]
+    user = json.loads(recs[-1].value)["user"]
+    recs = recs[-1:] + recs  # the user has a history before its last event
+    recs = [r._replace(offset=i) for i, r in enumerate(recs)]
+    with PartitionStore.open(tmp_path, "t", 0) as store:
+        run(PartitionProcessor(ProcessingConfig()), store, model, recs[:-1], batch=100)
+        good = store.get_raw_histories([user])[user]
+        store._live().cf[HISTORIES][user.encode()] = good[:-1]  # one byte short
+        applied = store.applied_offset()
+        fresh = PartitionProcessor(ProcessingConfig())  # nothing cached: reads the store
+        with pytest.raises(StoreFormatError, match="item ids need"):
+            run(fresh, store, model, recs[-1:], batch=1)
+        assert store.applied_offset() == applied
