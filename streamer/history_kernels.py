@@ -4,8 +4,10 @@ The consumer's per-batch history work used to go user by user: decode the cached
 into a :class:`~streamer.codec.UserHistory`, append, build a new object, encode it. At a
 few thousand updated users per batch those per-user Python calls, not the arithmetic, were
 most of the cost. Here a batch's histories live in flat columns with an ``indptr``
-(user ``u`` owns rows ``ptr[u]:ptr[u+1]``), and three numba kernels do the work:
+(user ``u`` owns rows ``ptr[u]:ptr[u+1]``), and numba kernels do the work:
 
+- :func:`check_histories`: bytes read back from the store are valid histories (what
+  :func:`streamer.codec.decode_history` checks), before they are parsed;
 - :func:`parse_histories`: many encoded histories (the bytes the store holds) -> columns;
 - :func:`merge_new_events`: append each user's new events (dedupe by event id, order by
   time, cap), as :meth:`UserHistory.append` does;
@@ -13,7 +15,7 @@ most of the cost. Here a batch's histories live in flat columns with an ``indptr
   :func:`streamer.codec.encode_history` gives.
 
 NumPy references, which the tests hold these kernels to: :func:`streamer.codec.decode_history`
-(parse), :func:`streamer.codec.append_histories` (merge), :func:`streamer.codec.encode_history`
+(check, parse), :func:`streamer.codec.append_histories` (merge), :func:`streamer.codec.encode_history`
 (encode). The history layout is documented in :mod:`streamer.codec`.
 """
 
