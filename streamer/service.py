@@ -41,9 +41,11 @@ from typing import Callable
 import numpy as np
 from kafka import TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import AppConfig
+from streamer.fetch_wait import FetchWaitGuard
 from streamer.kafka_io import make_consumer, make_vector_producer
 from streamer.model import LoadedModel
 from streamer.processor import BatchOutcome, PartitionProcessor, RawRecord
@@ -157,6 +159,7 @@ class FoldService:
         self._next_model_check = time.monotonic() + config.model.check_interval_s
         self._switch_pending = False  # some store may be on another version than self.model
         self._held: set[TopicPartition] = set()  # paused until their switch
+        self._fetch_wait: FetchWaitGuard | None = None  # set by start()
         self.processor = PartitionProcessor(config.processing)
         self.stats = ServiceStats()
         self.stores: dict[TopicPartition, PartitionStore] = {}
@@ -189,8 +192,9 @@ class FoldService:
             max_poll_records=self.config.processing.batch_max_records,
         )
         # consumer_overrides (tests, benchmarks) win over the configuration.
-        self.consumer = make_consumer(k.bootstrap_servers, k.group_id,
-                                      **{**settings, **self._consumer_overrides})
+        settings.update(self._consumer_overrides)
+        self.consumer = make_consumer(k.bootstrap_servers, k.group_id, **settings)
+        self._fetch_wait = FetchWaitGuard(self.consumer, settings["fetch_max_wait_ms"])
         self.consumer.subscribe([k.input_topic], listener=self._assignments)
         producer = make_vector_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher")
         self.publisher = Publisher(producer, k.output_topic, k.dead_letter_topic)
@@ -250,6 +254,8 @@ class FoldService:
         p = self.config.processing
         polled = self.consumer.poll(timeout_ms=p.batch_max_ms, max_records=p.batch_max_records)
         fresh = self._apply_assignment_changes()
+        if self._fetch_wait is not None:
+            self._fetch_wait.after_poll(sum(map(len, polled.values())), self._behind_log_end)
         generation = self._generation()
         work: list[tuple[TopicPartition, PartitionStore, list, BatchOutcome]] = []
         for tp, records in polled.items():
@@ -294,6 +300,19 @@ class FoldService:
             if outcome.record_times_ms:
                 self.stats.add_latencies(
                     acked_at_ms - np.asarray(outcome.record_times_ms, dtype=np.float64))
+
+    def _behind_log_end(self) -> dict[TopicPartition, int]:
+        """Records between each fetchable partition's position and its log end (asked of
+        the broker: one ListOffsets request)."""
+        tps = [tp for tp in self.stores if tp not in self._held]
+        if not tps:
+            return {}
+        try:
+            ends = self.consumer.end_offsets(tps)
+            return {tp: ends[tp] - self.consumer.position(tp) for tp in tps if ends.get(tp) is not None}
+        except KafkaError as exc:
+            log.debug("cannot compare positions with the log end: %s", exc)
+            return {}
 
     # -- assignment ------------------------------------------------------------------
     def _generation(self) -> tuple[int, str]:
