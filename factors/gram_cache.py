@@ -35,20 +35,12 @@ from numba import njit
 
 from factors.errors import DataError
 from factors.foldin import FoldIn
-from factors.kernels import _FASTMATH, _cholesky_solve, _syr8_lower, _syr_lower, solve_rows_exact_serial
+from factors.kernels import _FASTMATH, _add_term, _cholesky_solve, _flush_terms, solve_rows_exact_serial
+from factors.rows import row_entries
 
 __all__ = ["GramCache", "solve_rows_cached"]
 
 REFRESH_EVERY = 64  # updates of an entry before it is rebuilt from its row
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _flush(A, Yb, tb, nb, k):
-    if nb == 8:
-        _syr8_lower(A, Yb, tb, k)
-    else:
-        for q in range(nb):
-            _syr_lower(A, Yb[q], tb[q], k)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -92,20 +84,8 @@ def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_
                 for c in range(a + 1):
                     As[a, c] = G[a, c]
             for e in range(indptr[u], indptr[u + 1]):
-                j = indices[e]
                 s = np.float64(conf[e])
-                w = 1.0 + s
-                for a in range(k):
-                    v = np.float64(Y[j, a])
-                    bs[a] += w * v
-                    Yb[nb, a] = v
-                if s == 0.0:
-                    continue
-                tb[nb] = s
-                nb += 1
-                if nb == 8:
-                    _syr8_lower(As, Yb, tb, k)
-                    nb = 0
+                nb = _add_term(As, bs, Y, indices[e], s, 1.0 + s, Yb, tb, nb, k)
         else:
             # Merge-walk the old and the new row (both sorted by item): every item whose
             # confidence changed, appeared or went contributes its difference.
@@ -128,20 +108,9 @@ def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_
                     dw = ds
                     e += 1
                     f += 1
-                if ds == 0.0 and dw == 0.0:
-                    continue
-                for a in range(k):
-                    v = np.float64(Y[j, a])
-                    bs[a] += dw * v
-                    Yb[nb, a] = v
-                if ds == 0.0:
-                    continue
-                tb[nb] = ds
-                nb += 1
-                if nb == 8:
-                    _syr8_lower(As, Yb, tb, k)
-                    nb = 0
-        _flush(As, Yb, tb, nb, k)
+                if ds != 0.0 or dw != 0.0:
+                    nb = _add_term(As, bs, Y, j, ds, dw, Yb, tb, nb, k)
+        _flush_terms(As, Yb, tb, nb, k)
         for a in range(k):
             b[a] = bs[a]
             for c in range(a + 1):
@@ -222,10 +191,9 @@ class GramCache:
         return out
 
     def _solve_direct(self, rows, indptr, indices, conf, out) -> None:
-        lengths = np.diff(indptr)[rows]
         sub_ptr = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lengths, out=sub_ptr[1:])
-        take = np.repeat(indptr[rows] - sub_ptr[:-1], lengths) + np.arange(sub_ptr[-1])
+        np.cumsum(np.diff(indptr)[rows], out=sub_ptr[1:])
+        take = row_entries(indptr, rows)
         sub_out = np.empty((len(rows), self.solver.factors), dtype=np.float32)
         unknown = np.empty(len(rows), dtype=np.int64)
         s = self.solver

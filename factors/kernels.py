@@ -239,6 +239,32 @@ def _cholesky_solve(A, b, x, n):
 
 
 @njit(cache=True, fastmath=_FASTMATH)
+def _add_term(A, b, Y, j, s, w, Yb, tb, nb, k):
+    """Add ``w y_j`` to b and buffer ``s y_j y_j^T`` for A (s != 0), with ``nb`` terms
+    buffered in ``Yb``/``tb``; the buffer goes into A eight at a time (a rank-8 update).
+    Returns the new ``nb``; :func:`_flush_terms` adds what is left."""
+    for a in range(k):
+        v = np.float64(Y[j, a])
+        b[a] += w * v
+        Yb[nb, a] = v
+    if s == 0.0:
+        return nb
+    tb[nb] = s
+    nb += 1
+    if nb == 8:
+        _syr8_lower(A, Yb, tb, k)
+        nb = 0
+    return nb
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _flush_terms(A, Yb, tb, nb, k):
+    """Add the ``nb`` terms :func:`_add_term` left buffered."""
+    for q in range(nb):
+        _syr_lower(A, Yb[q], tb[q], k)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
 def _solve_row_cholesky(lo, hi, indices, conf, Y, G, A, b, x, Yb, tb, k):
     """Exact solve for one row by accumulating A = G + sum s y y^T. Returns #unknown.
 
@@ -257,20 +283,8 @@ def _solve_row_cholesky(lo, hi, indices, conf, Y, G, A, b, x, Yb, tb, k):
             unknown += 1
             continue
         s = np.float64(conf[e])
-        w = 1.0 + s
-        for a in range(k):
-            v = np.float64(Y[j, a])
-            b[a] += w * v
-            Yb[nb, a] = v
-        if s == 0.0:
-            continue
-        tb[nb] = s
-        nb += 1
-        if nb == 8:
-            _syr8_lower(A, Yb, tb, k)
-            nb = 0
-    for q in range(nb):
-        _syr_lower(A, Yb[q], tb[q], k)
+        nb = _add_term(A, b, Y, j, s, 1.0 + s, Yb, tb, nb, k)
+    _flush_terms(A, Yb, tb, nb, k)
     if unknown == hi - lo:
         for a in range(k):
             x[a] = 0.0

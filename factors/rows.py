@@ -77,3 +77,14 @@ def aggregate_rows(
     sums = np.empty(len(cols), dtype=np.float64)
     n = sum_rows_by_item(indptr, indices, w, out_indptr, cols, sums)
     return out_indptr, cols[:n].astype(np.int32), sums[:n].astype(np.float32), unknown
+
+
+def row_entries(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions of the entries of ``rows`` (row after row, each in order) in a CSR with
+    this ``indptr``: ``np.concatenate([np.arange(indptr[r], indptr[r + 1]) for r in rows])``.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
+    firsts = np.zeros(len(rows), np.int64)
+    np.cumsum(lengths[:-1], out=firsts[1:])
+    return np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)

@@ -27,6 +27,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from factors.gram_cache import GramCache
+from factors.rows import row_entries
 from streamer.codec import OutboxEntry, UserHistory, VectorRecord, encode_history
 from streamer.config import ProcessingConfig
 from streamer.events import EventDecoder, Forget, Interaction, Rejected
@@ -231,9 +232,7 @@ class PartitionProcessor:
         all_rows = np.frombuffer(b"".join(base_rows), dtype="=i4")
         if missed:
             all_rows = all_rows.copy()
-            starts, ends = old.ptr[missed], old.ptr[np.asarray(missed) + 1]
-            events = np.repeat(starts - np.cumsum(np.r_[0, (ends - starts)[:-1]]), ends - starts)
-            events += np.arange(events.shape[0])
+            events = row_entries(old.ptr, missed)
             all_rows[events] = table.rows(old.id_buf, old.id_pos[events], old.id_len[events])
         rows = all_rows[source]
         outcome.applied_items = items

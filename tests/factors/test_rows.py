@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from factors import kernels, reference
 from factors.errors import DataError
-from factors.rows import aggregate_rows
+from factors.rows import aggregate_rows, row_entries
 
 
 def test_sums_duplicates_sorts_and_counts_unknown():
@@ -60,3 +60,10 @@ def test_sum_rows_kernel_equals_numpy_reference(rows):
     assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref)
     # The kernel adds in event order; reduceat may pair terms differently.
     np.testing.assert_allclose(w, w_ref, rtol=1e-12)
+
+
+def test_row_entries_are_the_positions_of_the_rows_entries_in_order():
+    indptr = np.array([0, 3, 3, 5, 9], np.int64)
+    for rows in ([], [1], [0, 2], [3, 0], [2, 1, 3]):
+        want = [p for r in rows for p in range(indptr[r], indptr[r + 1])]
+        assert row_entries(indptr, rows).tolist() == want
