@@ -8,11 +8,18 @@ crash or a silently wrong value. Numbers are little-endian; strings are UTF-8.
 Layouts (version 1)::
 
     history   B fmt | I n | f4[n] weights | f8[n] times | u8[n] event hashes | u4[n] id lengths | ids
+    head      B fmt | I evicted | history
     vector    B fmt | I k | q n_interactions | d last_event_time | d processed_at | H len | model version | f4[k]
     offset    B fmt | q offset
     text      B fmt | utf-8
     outbox    B fmt | B kind (1 vector, 2 tombstone) | I len | user id | vector record (kind 1 only)
     outbox key    >Q offset | user id          (big-endian, so keys sort in offset order)
+
+A user's history is stored in two parts, so that a new event rewrites a few events, not
+all of them: the *sealed* part (a history record) and an optional *head* (a head record).
+The history is the sealed part without its ``evicted`` oldest events (the cap dropped them
+after it was written), followed by the head's events; :func:`join_history` checks and joins
+the two parts.
 
 Item and user ids are arbitrary Unicode; they must be encodable as strict UTF-8
 (lone surrogates are refused).
@@ -36,12 +43,14 @@ VECTOR_FORMAT = 0x21
 OFFSET_FORMAT = 0x31
 TEXT_FORMAT = 0x41
 OUTBOX_FORMAT = 0x51
+HISTORY_HEAD_FORMAT = 0x61
 
 OUTBOX_VECTOR = 1
 OUTBOX_TOMBSTONE = 2
 
 _HISTORY_HEAD = struct.Struct("<BI")
 _HISTORY_BYTES_PER_EVENT = 4 + 8 + 8 + 4
+_HEAD_RECORD = struct.Struct("<BI")
 _VECTOR_HEAD = struct.Struct("<BIqddH")
 _OFFSET = struct.Struct("<Bq")
 _OUTBOX_HEAD = struct.Struct("<BBI")
@@ -513,6 +522,51 @@ def decode_history(buf: bytes) -> UserHistory:
     blob = bytes(buf[pos:])
     _check_ids(blob, lengths, what)
     return UserHistory._from_columns(blob, lengths, weights, times, hashes)
+
+
+def encode_history_head(evicted: int, history: UserHistory) -> bytes:
+    """Bytes of a head record: ``history`` (the newest events), after which the ``evicted``
+    oldest events of the stored sealed part no longer belong to the user's history."""
+    if not 0 <= evicted <= 0xFFFFFFFF:
+        raise InvalidRecordError(f"evicted must be in 0..2**32-1, got {evicted}")
+    return _HEAD_RECORD.pack(HISTORY_HEAD_FORMAT, evicted) + encode_history(history)
+
+
+def decode_history_head(buf: bytes) -> tuple[int, UserHistory]:
+    """``(evicted, head events)`` of a head record; :class:`StoreFormatError` if it is not one."""
+    _check_format(buf, HISTORY_HEAD_FORMAT, "history head", _HEAD_RECORD.size)
+    _, evicted = _HEAD_RECORD.unpack_from(buf)
+    return evicted, decode_history(buf[_HEAD_RECORD.size:])
+
+
+def join_history(sealed: bytes | None, head: bytes | None) -> UserHistory:
+    """A user's history from its stored parts (either may be missing, not both).
+
+    The sealed part without its ``evicted`` oldest events, then the head's events;
+    :class:`StoreFormatError` if either part is not valid, a head has no sealed part, it
+    evicts more events than the sealed part has, or its events are older than the sealed
+    part's newest kept event (a history is in time order).
+    """
+    if sealed is None and head is None:
+        raise StoreFormatError("user history: neither a sealed part nor a head")
+    base = decode_history(sealed) if sealed is not None else None
+    if head is None:
+        return base
+    if base is None:
+        raise StoreFormatError("user history: a head without a sealed part")
+    evicted, tail = decode_history_head(head)
+    if evicted > len(base):
+        raise StoreFormatError(f"user history: the head evicts {evicted} events of a sealed part of {len(base)}")
+    if evicted < len(base) and len(tail) and tail.times[0] < base.times[-1]:
+        raise StoreFormatError("user history: the head's events are older than the sealed part's")
+    blob, lengths = base._id_bytes()
+    tail_blob, tail_lengths = tail._id_bytes()
+    skip = int(lengths[:evicted].sum())
+    return UserHistory._from_columns(
+        blob[skip:] + tail_blob,
+        *(_frozen(np.concatenate([a[evicted:], b])) for a, b in (
+            (lengths, tail_lengths), (base.weights, tail.weights), (base.times, tail.times),
+            (base.event_hashes, tail.event_hashes))))
 
 
 def _check_ids(blob: bytes, lengths: np.ndarray, what: str) -> None:

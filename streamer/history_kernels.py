@@ -11,12 +11,16 @@ most of the cost. Here a batch's histories live in flat columns with an ``indptr
 - :func:`parse_histories`: many encoded histories (the bytes the store holds) -> columns;
 - :func:`merge_new_events`: append each user's new events (dedupe by event id, order by
   time, cap), as :meth:`UserHistory.append` does;
-- :func:`encode_histories`: columns -> one encoded history per user, byte for byte what
-  :func:`streamer.codec.encode_history` gives.
+- :func:`encode_histories`: columns -> one encoded history (or head record) per user,
+  byte for byte what :func:`streamer.codec.encode_history` (``encode_history_head``) gives;
+- :func:`check_history_parts` and :func:`visible_events`: a history stored as a sealed part
+  and a head (:mod:`streamer.codec`) read back, checked and joined;
+- :func:`plan_history_writes`: for each merged history, whether a head record is enough
+  (its sealed part is still a prefix of it) or the whole history must be written again.
 
 NumPy references, which the tests hold these kernels to: :func:`streamer.codec.decode_history`
 (check, parse), :func:`streamer.codec.append_histories` (merge), :func:`streamer.codec.encode_history`
-(encode). The history layout is documented in :mod:`streamer.codec`.
+(encode), :func:`streamer.codec.join_history` (parts), :func:`plan_history_writes_reference`. The history layout is documented in :mod:`streamer.codec`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import NamedTuple, Sequence
 import numba as nb
 import numpy as np
 
-from streamer.codec import HISTORY_FORMAT, decode_history
+from streamer.codec import HISTORY_FORMAT, HISTORY_HEAD_FORMAT, decode_history, join_history
 
 _HEAD = 5  # format byte, uint32 event count
 _BYTES_PER_EVENT = 4 + 8 + 8 + 4  # weight, time, event hash, id length
@@ -251,10 +255,15 @@ def merge_new_events(old_ptr, old_times, old_hashes, new_ptr, new_times, new_has
 
 
 @nb.njit(cache=True, nogil=True)
-def _encode(ptr, wb, tb, hb, lb, id_pos, id_len, id_buf, fmt, byte_ptr, out):
-    for u in range(ptr.shape[0] - 1):
-        e0, n = ptr[u], ptr[u + 1] - ptr[u]
+def _encode(starts, ends, evicted, wb, tb, hb, lb, id_pos, id_len, id_buf, fmt, head_fmt, byte_ptr, out):
+    for u in range(starts.shape[0]):
+        e0, n = starts[u], ends[u] - starts[u]
         at = byte_ptr[u]
+        if evicted[u] >= 0:  # a head record around the history
+            out[at] = head_fmt
+            for b in range(4):
+                out[at + 1 + b] = (evicted[u] >> (8 * b)) & 0xFF
+            at += _HEAD
         out[at] = fmt
         for b in range(4):
             out[at + 1 + b] = (n >> (8 * b)) & 0xFF
@@ -273,20 +282,215 @@ def _encode(ptr, wb, tb, hb, lb, id_pos, id_len, id_buf, fmt, byte_ptr, out):
             at += length
 
 
-def encode_histories(columns: HistoryColumns) -> list[bytes]:
-    """One :func:`streamer.codec.encode_history` blob per user of ``columns``."""
-    ptr = columns.ptr
-    users = ptr.shape[0] - 1
+def encode_histories(columns: HistoryColumns, starts: np.ndarray | None = None,
+                     ends: np.ndarray | None = None, evicted: np.ndarray | None = None) -> list[bytes]:
+    """One :func:`streamer.codec.encode_history` blob per user of ``columns``.
+
+    With ``starts`` / ``ends``, one blob of rows ``starts[j]:ends[j]`` each instead; where
+    ``evicted[j] >= 0``, that blob is the head record
+    ``codec.encode_history_head(evicted[j], ...)`` of those rows.
+    """
+    if starts is None:
+        starts, ends = columns.ptr[:-1], columns.ptr[1:]
+    users = starts.shape[0]
+    if evicted is None:
+        evicted = np.full(users, -1, np.int64)
     id_bytes = np.zeros(columns.id_len.shape[0] + 1, np.int64)
     np.cumsum(columns.id_len, out=id_bytes[1:])
-    sizes = _HEAD + _BYTES_PER_EVENT * np.diff(ptr) + (id_bytes[ptr[1:]] - id_bytes[ptr[:-1]])
+    sizes = (_HEAD + _BYTES_PER_EVENT * (ends - starts) + (id_bytes[ends] - id_bytes[starts])
+             + np.where(evicted >= 0, _HEAD, 0))
     byte_ptr = np.zeros(users + 1, np.int64)
     np.cumsum(sizes, out=byte_ptr[1:])
     out = np.empty(int(byte_ptr[-1]), np.uint8)
     as_bytes = lambda a, dtype: np.ascontiguousarray(a, dtype=dtype).view(np.uint8)  # noqa: E731
-    _encode(ptr, as_bytes(columns.weights, "<f4"), as_bytes(columns.times, "<f8"),
+    _encode(np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(evicted, np.int64),
+            as_bytes(columns.weights, "<f4"), as_bytes(columns.times, "<f8"),
             as_bytes(columns.hashes, "<u8"), as_bytes(columns.id_len, "<u4"),
-            columns.id_pos, columns.id_len, columns.id_buf, HISTORY_FORMAT, byte_ptr, out)
+            columns.id_pos, columns.id_len, columns.id_buf, HISTORY_FORMAT, HISTORY_HEAD_FORMAT,
+            byte_ptr, out)
     mem = out.tobytes()
     bounds = byte_ptr.tolist()
     return [mem[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# --------------------------------------------------------------------------- sealed part + head
+
+# A head grows by each user's new events until it holds more than
+# max(HEAD_MIN_EVENTS, sqrt(2 n)) events (n: the sealed events it follows), or the cap has
+# evicted that many sealed events; then the whole history is written again as the new
+# sealed part. Writing h head events per update and n events every sqrt(2 n) updates
+# costs about sqrt(2 n) events per update, the least any such bound gives, where writing
+# the whole history each time costs n: at the default cap of 1,000, 45 instead of 1,000.
+HEAD_MIN_EVENTS = 16
+
+
+def head_record_evicted(record: bytes) -> int:
+    """The ``evicted`` count of a head record (checked by :func:`check_history_parts`)."""
+    return int.from_bytes(record[1:5], "little")
+
+
+def check_history_parts(parts: Sequence[tuple[bytes | None, bytes | None]]) -> None:
+    """Raise :class:`streamer.errors.StoreFormatError` unless every ``(sealed part, head
+    record)`` read from the store is a valid history: what :func:`streamer.codec.join_history`
+    (the reference) accepts, in two kernel calls (both parts, then where they join); a
+    failing user goes to that function itself, for its message.
+    """
+    blobs, pairs = [], []
+    for sealed, head in parts:
+        if head is None:
+            if sealed is not None:
+                blobs.append(sealed)
+        elif sealed is None or len(head) < _HEAD or head[0] != HISTORY_HEAD_FORMAT:
+            join_history(sealed, head)  # raises
+        else:
+            pairs.append((sealed, head))
+    for sealed, head in pairs:
+        blobs += [sealed, head[_HEAD:]]
+    check_histories(blobs)
+    if not pairs:
+        return
+    joined = [part for sealed, head in pairs for part in (sealed, head)]
+    lengths = np.fromiter(map(len, joined), dtype=np.int64, count=len(joined))
+    starts = np.zeros(len(joined), np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    ok = np.zeros(len(pairs), np.bool_)
+    _check_joins(np.frombuffer(b"".join(joined), dtype=np.uint8), starts, ok)
+    for u in np.flatnonzero(~ok).tolist():
+        join_history(*pairs[u])  # raises
+
+
+@nb.njit(cache=True, nogil=True)
+def _check_joins(buf, starts, ok):
+    """Per (sealed part, head record) pair, both valid: the head evicts at most the sealed
+    part's events and starts no earlier than its newest kept one."""
+    t8 = np.empty(8, np.uint8)
+    tv = t8.view(np.float64)
+    for u in range(ok.shape[0]):
+        s, h = starts[2 * u], starts[2 * u + 1]
+        n = _read_u32(buf, s + 1)
+        evicted = _read_u32(buf, h + 1)
+        m = _read_u32(buf, h + _HEAD + 1)
+        if evicted > n:
+            continue
+        if evicted < n and m > 0:
+            at = s + _HEAD + 4 * n + 8 * (n - 1)
+            t8[:] = buf[at:at + 8]
+            last = tv[0]
+            at = h + 2 * _HEAD + 4 * m
+            t8[:] = buf[at:at + 8]
+            if tv[0] < last:
+                continue
+        ok[u] = True
+
+
+@nb.njit(cache=True, nogil=True)
+def _visible(ptr2, evicted, ptr, idx):
+    at = 0
+    for u in range(evicted.shape[0]):
+        for e in range(ptr2[2 * u] + evicted[u], ptr2[2 * u + 2]):
+            idx[at] = e
+            at += 1
+        ptr[u + 1] = at
+
+
+def visible_events(ptr2: np.ndarray, evicted: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The histories of parsed parts: ``ptr2`` has two rows per user (sealed part, head);
+    a history is its sealed part without the ``evicted[u]`` oldest events, then its head.
+
+    Returns ``(ptr, idx)``: the histories' indptr, and the parsed rows they hold (None when
+    nothing is evicted: then the rows are all of them, in order).
+    """
+    if not evicted.any():
+        return np.ascontiguousarray(ptr2[::2]), None
+    users = evicted.shape[0]
+    ptr = np.zeros(users + 1, np.int64)
+    idx = np.empty(int(ptr2[-1] - evicted.sum()), np.int64)
+    _visible(ptr2, evicted, ptr, idx)
+    return ptr, idx
+
+
+@nb.njit(cache=True, nogil=True)
+def plan_history_writes(ptr, source, old_ptr, sealed_kept, evicted, whole, min_head):
+    """Which merged histories need only a new head, and what it holds.
+
+    Parameters
+    ----------
+    ptr, source : from :func:`merge_new_events` (merged rows; old row ``i`` is ``source == i``)
+    old_ptr : int64 (users + 1,)
+        The old histories' rows: each user's first ``sealed_kept[u]`` are its sealed part's
+        events still in it, the rest its head's.
+    sealed_kept : int64 (users,)
+    evicted : int64 (users,)
+        Sealed events the stored head already evicts.
+    whole : bool (users,)
+        Users whose whole history must be written (no sealed part stored, or forgotten).
+    min_head : int
+        :data:`HEAD_MIN_EVENTS`.
+
+    Returns
+    -------
+    head_from : int64 (users,)
+        -1: write the whole history; else the merged row where the new head starts (the
+        rows before it are the sealed part's events ``evicted_total - evicted`` onwards).
+    evicted_total : int64 (users,)
+        The new head's ``evicted`` count (where ``head_from >= 0``).
+    """
+    users = ptr.shape[0] - 1
+    head_from = np.full(users, -1, np.int64)
+    evicted_total = np.zeros(users, np.int64)
+    for u in range(users):
+        if whole[u]:
+            continue
+        r0, r1 = ptr[u], ptr[u + 1]
+        base, kept = old_ptr[u], sealed_kept[u]
+        # The merged history must start with the sealed events the cap left, in order.
+        first = kept
+        if r1 > r0 and base <= source[r0] < base + kept:
+            first = source[r0] - base
+        keep = kept - first
+        if keep > r1 - r0:
+            continue
+        prefix = True
+        for i in range(keep):
+            if source[r0 + i] != base + first + i:
+                prefix = False
+                break
+        for r in range(r0 + keep, r1):  # and none of them further on
+            if base <= source[r] < base + kept:
+                prefix = False
+                break
+        if not prefix:
+            continue
+        total = evicted[u] + first
+        bound = max(min_head, int(np.sqrt(2.0 * keep)))
+        if r1 - r0 - keep > bound or total > bound:
+            continue
+        head_from[u] = r0 + keep
+        evicted_total[u] = total
+    return head_from, evicted_total
+
+
+def plan_history_writes_reference(ptr, source, old_ptr, sealed_kept, evicted, whole, min_head):
+    """NumPy reference of :func:`plan_history_writes` (a user at a time)."""
+    users = len(ptr) - 1
+    head_from = np.full(users, -1, np.int64)
+    evicted_total = np.zeros(users, np.int64)
+    for u in range(users):
+        if whole[u]:
+            continue
+        rows = np.asarray(source[ptr[u]:ptr[u + 1]])
+        sealed = np.arange(old_ptr[u], old_ptr[u] + sealed_kept[u])
+        in_sealed = np.isin(rows, sealed)
+        keep = int(in_sealed.sum())
+        # The sealed events still in the history are its first rows, consecutive and
+        # ending with the sealed part's newest; none of them further on.
+        if not (in_sealed[:keep].all() and np.array_equal(rows[:keep], sealed[len(sealed) - keep:])):
+            continue
+        first = len(sealed) - keep
+        total = evicted[u] + first
+        bound = max(min_head, int(np.sqrt(2.0 * keep)))
+        if len(rows) - keep > bound or total > bound:
+            continue
+        head_from[u] = ptr[u] + keep
+        evicted_total[u] = total
+    return head_from, evicted_total

@@ -13,7 +13,9 @@ and :meth:`PartitionProcessor.apply`:
    by time, cap by config);
 5. fold every changed user in with ONE batched exact solve against the active model
    (users with long histories from their cached normal equations, :mod:`factors.gram_cache`);
-6. commit histories, vectors, deletes, outbox and the applied offset in one WriteBatch.
+6. commit histories, vectors, deletes, outbox and the applied offset in one WriteBatch; a
+   user's new events usually go into its history's head only, not the whole history
+   (:func:`streamer.history_kernels.plan_history_writes`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ from streamer.codec import OutboxEntry, UserHistory, VectorRecord, encode_histor
 from streamer.config import ProcessingConfig
 from streamer.events import EventDecoder, Forget, Interaction, Rejected
 from streamer.history_kernels import (
+    HEAD_MIN_EVENTS,
     HistoryColumns,
-    check_histories,
+    check_history_parts,
     encode_histories,
+    head_record_evicted,
     merge_new_events,
     parse_histories,
+    plan_history_writes,
+    visible_events,
 )
 from streamer.model import LoadedModel
 from streamer.store import PartitionStore
@@ -65,6 +71,7 @@ class BatchOutcome:
     forgotten: int = 0
     unknown_item_events: int = 0
     users_updated: int = 0
+    heads_written: int = 0  # users whose new events went into their history's head only
     rejected: list[tuple[RawRecord, Rejected]] = field(default_factory=list)
     outbox: list[OutboxEntry] = field(default_factory=list)
     record_times_ms: list[int] = field(default_factory=list)  # broker times of new records
@@ -168,27 +175,37 @@ class PartitionProcessor:
                 times = [times[j] for j in keep]
                 hashes = [hashes[j] for j in keep]
 
-        # Step 4: base histories (encoded) from the cache or the store, as columns; then
-        # the new events, grouped by user in arrival order, merged in by one kernel call.
-        # A user missing from the cache is read from the store (checked: parse_histories
-        # trusts its input) and its items looked up once the batch's columns are parsed.
+        # Step 4: base histories from the cache or the store, as columns: two parts per
+        # user, its sealed part and its head (the cache holds the bytes the store holds);
+        # then the new events, grouped by user in arrival order, merged in by one kernel
+        # call. A user missing from the cache is read from the store (checked:
+        # parse_histories trusts its input) and its items looked up once the batch's
+        # columns are parsed.
         cache = self._cache(store, model)
         reset_l = reset.tolist()
         stored = store.get_raw_histories([u for u, r in zip(users, reset_l)
                                           if not r and u not in cache])
-        check_histories(list(stored.values()))
-        blobs, base_rows, missed = [], [], []
+        check_history_parts(list(stored.values()))
+        parts, base_rows, missed, evicted_l = [], [], [], []
+        get = cache.get
         for u, (user, r) in enumerate(zip(users, reset_l)):
-            entry = None if r else cache.get(user)
+            entry = None if r else get(user)
             if entry is None:
-                blob = None if r else stored.get(user)
-                if blob is None:
-                    entry = _EMPTY_BLOB, _NO_ROWS
+                found = None if r else stored.get(user)
+                if found is None:
+                    entry = _NEW_USER
                 else:  # rows filled in below
-                    entry = blob, bytes(4 * int.from_bytes(blob[1:5], "little"))
+                    sealed, head = found
+                    if head is None:
+                        entry = sealed, _EMPTY_BLOB, -1, bytes(4 * _count(sealed))
+                    else:
+                        evicted = head_record_evicted(head)
+                        head = head[5:]
+                        entry = sealed, head, evicted, bytes(4 * (_count(sealed) - evicted + _count(head)))
                     missed.append(u)
-            blobs.append(entry[0])
-            base_rows.append(entry[1])
+            parts += entry[:2]
+            evicted_l.append(entry[2])
+            base_rows.append(entry[3])
         n_users = len(users)
         by_user = np.argsort(seg_a, kind="stable")
         counts = np.bincount(seg_a, minlength=n_users)
@@ -199,8 +216,16 @@ class PartitionProcessor:
         new_pos = np.zeros(len(new_ids), np.int64)
         np.cumsum(new_len[:-1], out=new_pos[1:])
         tail = b"".join(new_ids)
-        old = parse_histories(blobs, tail)
+        old = parse_histories(parts, tail)
         new_pos += old.id_buf.shape[0] - len(tail)
+        stored_head = np.array(evicted_l, dtype=np.int64) >= 0  # -1: no head record stored
+        evicted_old = np.maximum(np.array(evicted_l, dtype=np.int64), 0)
+        sealed_count = old.ptr[1::2] - old.ptr[:-1:2]
+        old_ptr, visible = visible_events(old.ptr, evicted_old)
+        if visible is None:
+            old = old._replace(ptr=old_ptr)
+        else:
+            old = HistoryColumns(old_ptr, *(c[visible] for c in old[1:6]), old.id_buf)
         new_t = np.array(times, dtype=np.float64)[by_user]
         new_h = np.array(hashes, dtype=np.uint64)[by_user]
         ptr, source, added, duplicates, evicted = merge_new_events(
@@ -212,13 +237,19 @@ class PartitionProcessor:
         deleted = reset & (counts == 0)
         changed = ((added > 0) | reset | (evicted > 0)) & ~deleted
         deletes = [users[u] for u in np.flatnonzero(deleted).tolist()]
+        # Where a head is enough: the history still starts with what its sealed part keeps.
+        head_from, head_evicted = plan_history_writes(
+            ptr, source, old.ptr, sealed_count - evicted_old, evicted_old,
+            reset | (sealed_count == 0), HEAD_MIN_EVENTS)
+        head_skip = np.where(head_from >= 0, head_from - ptr[:-1], -1)
         # The changed users' merged histories: every column picked by ``source`` at once.
         if not changed.all():
             merged_counts = np.diff(ptr)
             source = source[np.repeat(changed, merged_counts)]
             ptr = np.zeros(int(changed.sum()) + 1, np.int64)
             np.cumsum(merged_counts[changed], out=ptr[1:])
-        changed_users = [users[u] for u in np.flatnonzero(changed).tolist()]
+        changed_idx = np.flatnonzero(changed)
+        changed_users = [users[u] for u in changed_idx.tolist()]
         merged = HistoryColumns(
             ptr,
             np.concatenate([old.weights, np.array(weights, dtype=np.float32)[by_user]])[source],
@@ -260,15 +291,33 @@ class PartitionProcessor:
         outcome.vectors = records
 
         # Step 6: one WriteBatch; the cache takes the very bytes written, once they are.
+        # A user gets a new head (its sealed part stays) or its whole history again.
         started = time.perf_counter()
-        encoded = dict(zip(changed_users, encode_histories(merged)))
-        outcome.outbox = store.commit_batch(encoded, records, deletes, outcome.last_offset,
-                                            model_version=model.version)
-        outcome.write_seconds = time.perf_counter() - started
+        skip = head_skip[changed_idx]
+        as_head = skip >= 0
+        blobs = encode_histories(merged, merged.ptr[:-1] + np.where(as_head, skip, 0), merged.ptr[1:],
+                                 np.where(as_head, head_evicted[changed_idx], -1))
+        whole, heads, headless, entries = {}, {}, [], {}
         rows_mem = rows.tobytes()
         bounds = (4 * merged.ptr).tolist()
-        cache.committed(encoded, {u: rows_mem[a:b] for u, a, b in zip(changed_users, bounds, bounds[1:])},
-                        deletes)
+        no_head = (~stored_head & ~reset)[changed_idx].tolist()
+        for j, (user, u, blob, head_only, evicted) in enumerate(zip(
+                changed_users, changed_idx.tolist(), blobs, as_head.tolist(),
+                head_evicted[changed_idx].tolist())):
+            if head_only:
+                heads[user] = blob
+                entries[user] = (parts[2 * u], blob[5:], evicted, rows_mem[bounds[j]:bounds[j + 1]])
+            else:
+                whole[user] = blob
+                entries[user] = (blob, _EMPTY_BLOB, -1, rows_mem[bounds[j]:bounds[j + 1]])
+                if no_head[j]:
+                    headless.append(user)
+        outcome.heads_written = len(heads)
+        outcome.outbox = store.commit_batch(whole, records, deletes, outcome.last_offset,
+                                            model_version=model.version, heads=heads,
+                                            headless=frozenset(headless))
+        outcome.write_seconds = time.perf_counter() - started
+        cache.committed(entries, deletes)
         return outcome
 
     def _cache(self, store: PartitionStore, model: LoadedModel) -> "HistoryCache":
@@ -291,14 +340,20 @@ class PartitionProcessor:
 
 
 _EMPTY_BLOB = encode_history(UserHistory.empty())
-_NO_ROWS = b""
+_NEW_USER = (_EMPTY_BLOB, _EMPTY_BLOB, -1, b"")
+
+
+def _count(history_blob: bytes) -> int:
+    """Events in an encoded history (its uint32 after the format byte)."""
+    return int.from_bytes(history_blob[1:5], "little")
 
 
 class HistoryCache:
     """Histories of recently updated users of ONE partition store, with their item indices.
 
-    Holds the very bytes the store committed (entries are installed only after the
-    WriteBatch that holds them was written) and each history's item rows in the model
+    Holds the very bytes the store committed, the sealed part and the head (entries are
+    installed only after the WriteBatch that holds them was written), and each history's
+    item rows in the model
     (native int32 bytes), so a user found here needs neither a RocksDB read, nor a
     validating decode, nor a lookup of every item of its history in the model. Bounded by ``max_events`` cached events; the
     least recently updated users go first. Tied to one model: the indices are its rows.
@@ -307,12 +362,13 @@ class HistoryCache:
     def __init__(self, model: LoadedModel, max_events: int) -> None:
         self.model = model
         self.max_events = max_events
-        # user -> (encoded history, item rows): two bytes objects, which the garbage
-        # collector does not track (a big cache does not slow its passes) and which a batch
-        # joins into one buffer without a per-user NumPy call.
+        # user -> (sealed part, head's history, head's evicted count or -1 when no head
+        # record is stored, item rows): bytes objects (and an int), which the garbage
+        # collector does not track (a big cache does not slow its passes) and which a
+        # batch joins into one buffer without a per-user NumPy call.
         # An OrderedDict: evicting its oldest entry is O(1), where a dict's first key after
         # many deletions costs a scan over the deleted slots.
-        self._entries: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[bytes, bytes, int, bytes]] = OrderedDict()
         self._events = 0
 
     def __contains__(self, user: str) -> bool:
@@ -321,29 +377,31 @@ class HistoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, user: str) -> tuple[bytes, bytes] | None:
-        """The user's encoded history and the model row of each of its items (native
-        int32 bytes), or None when the user is not cached."""
+    def get(self, user: str) -> tuple[bytes, bytes, int, bytes] | None:
+        """``(sealed part, head's history, head's evicted count, item rows)``: the user's
+        stored history parts (an empty head history and -1 when no head record is stored)
+        and the model row of each event of its history (native int32 bytes); None when
+        the user is not cached."""
         return self._entries.get(user)
 
-    def committed(self, encoded: dict[str, bytes], rows: dict[str, bytes],
+    def committed(self, written: dict[str, tuple[bytes, bytes, int, bytes]],
                   deletes: list[str]) -> None:
-        """Install what a batch wrote (call only after its WriteBatch was written)."""
+        """Install what a batch wrote, ``user -> entry`` as :meth:`get` returns it (call
+        only after its WriteBatch was written)."""
         entries = self._entries
         for user in deletes:
             self._drop(user)
         added = 0
-        for user, blob in encoded.items():
+        for user, entry in written.items():
             self._drop(user)  # re-inserted last: the order is update order
-            user_rows = rows[user]
-            entries[user] = (blob, user_rows)
-            added += len(user_rows)
-        self._events += added // 4 + ENTRY_OVERHEAD_EVENTS * len(encoded)
+            entries[user] = entry
+            added += len(entry[3])
+        self._events += added // 4 + ENTRY_OVERHEAD_EVENTS * len(written)
         while self._events > self.max_events and entries:
-            _, (_, user_rows) = entries.popitem(last=False)
+            _, (_, _, _, user_rows) = entries.popitem(last=False)
             self._events -= len(user_rows) // 4 + ENTRY_OVERHEAD_EVENTS
 
     def _drop(self, user: str) -> None:
         old = self._entries.pop(user, None)
         if old is not None:
-            self._events -= len(old[1]) // 4 + ENTRY_OVERHEAD_EVENTS
+            self._events -= len(old[3]) // 4 + ENTRY_OVERHEAD_EVENTS

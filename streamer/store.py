@@ -4,9 +4,17 @@ Layout: ``STATE_DIR/<topic>-<partition>/`` is a RocksDB database (raw bytes, via
 four column families::
 
     vectors    user id -> VectorRecord          (codec.encode_vector_record)
-    histories  user id -> UserHistory           (codec.encode_history)
+    histories  user id -> UserHistory           (codec.encode_history: the sealed part)
+               0xFF + user id -> head record    (codec.encode_history_head, optional)
     meta       b"format_version" -> <I, b"applied_offset" -> offset, b"model_version" -> text
     outbox     >Q offset + user id -> user id + VectorRecord, or a tombstone
+
+A history is stored as a sealed part and a head (see :mod:`streamer.codec`): the consumer
+appends a user's new events to the head and rewrites the sealed part only when the head
+has grown past a bound (:func:`streamer.history_kernels.plan_history_writes`), so a write
+costs the new events, not the whole history. A head key is the user id's key after a 0xFF
+byte, which UTF-8 never holds: it cannot be another user's key, and all heads sort after
+all sealed parts.
 
 One database per partition lets a partition move to another process on the same host: the
 old owner closes it, the new owner opens it (retrying while RocksDB's LOCK is still held).
@@ -33,7 +41,7 @@ import struct
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Callable, Collection, Iterable, Iterator, Mapping, TypeVar
 
 from rocksdict import (
     AccessType,
@@ -69,7 +77,11 @@ META = "meta"
 OUTBOX = "outbox"
 COLUMN_FAMILIES = (VECTORS, HISTORIES, META, OUTBOX)
 
-STORE_FORMAT_VERSION = 1
+# 2: histories may have a head (a version-1 store is a version-2 store without heads,
+# and is upgraded in place when a consumer opens it).
+STORE_FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+HEAD_PREFIX = b"\xff"
 _FORMAT_KEY = b"format_version"
 _OFFSET_KEY = b"applied_offset"
 _MODEL_KEY = b"model_version"
@@ -191,6 +203,34 @@ class _Db:
         for key, value in items:
             yield decode(key, value)
 
+    def scan_histories(self) -> Iterator[tuple[bytes, bytes | None, bytes | None]]:
+        gen = self._scan_histories()
+        self._scans.add(gen)
+        return gen
+
+    def _scan_histories(self) -> Iterator[tuple[bytes, bytes | None, bytes | None]]:
+        # Sealed parts and heads are two key ranges of one column family, walked side by
+        # side. Both iterators are created in one step of this generator, before it yields
+        # to anyone who could write, so they read the same state.
+        cf = self.cf[HISTORIES]
+        sealed = cf.items()
+        heads = cf.items(from_key=HEAD_PREFIX)
+        head = next(heads, None)
+        for key, value in sealed:
+            if key[:1] == HEAD_PREFIX:
+                break
+            while head is not None and head[0][1:] < key:  # a head without a sealed part
+                yield head[0][1:], None, head[1]
+                head = next(heads, None)
+            if head is not None and head[0][1:] == key:
+                yield key, value, head[1]
+                head = next(heads, None)
+            else:
+                yield key, value, None
+        while head is not None:
+            yield head[0][1:], None, head[1]
+            head = next(heads, None)
+
     def live_tables(self) -> frozenset[str]:
         return frozenset(f["name"] for f in self.rdict.live_files())
 
@@ -227,8 +267,8 @@ def _stored_format(db: _Db) -> int | None:
 
 def _check_format(db: _Db, path: Path) -> None:
     found = _stored_format(db)
-    if found != STORE_FORMAT_VERSION:
-        raise StoreFormatError(f"{path}: store format version must be {STORE_FORMAT_VERSION}, got {found}")
+    if found not in READABLE_FORMATS:
+        raise StoreFormatError(f"{path}: store format version must be one of {READABLE_FORMATS}, got {found}")
 
 
 def _decode_outbox(key: bytes, value: bytes) -> OutboxEntry:
@@ -354,6 +394,14 @@ class PartitionStore:
             db.rdict.write(batch, sync)
             log.info("created partition store %s (format %d)", path, STORE_FORMAT_VERSION)
         _check_format(db, path)
+        found = _stored_format(db)
+        if found != STORE_FORMAT_VERSION:  # an older format this version reads: upgrade
+            batch = WriteBatch(raw_mode=True)
+            batch.put(_FORMAT_KEY, _FORMAT_VALUE.pack(STORE_FORMAT_VERSION), db.handle[META])
+            sync = WriteOptions()
+            sync.sync = True
+            db.rdict.write(batch, sync)
+            log.info("upgraded partition store %s from format %d to %d", path, found, STORE_FORMAT_VERSION)
 
     def close(self) -> None:
         """Flush and close; idempotent. Open iterators from ``iter_*`` are closed too."""
@@ -413,12 +461,19 @@ class PartitionStore:
 
     def get_histories(self, user_ids: Iterable[str]) -> dict[str, UserHistory]:
         """Histories of the users that have one (missing users are left out)."""
-        return self._multi_get(HISTORIES, user_ids, codec.decode_history)
+        return {u: codec.join_history(*parts) for u, parts in self.get_raw_histories(user_ids).items()}
 
-    def get_raw_histories(self, user_ids: Iterable[str]) -> dict[str, bytes]:
-        """The stored bytes of the users' histories, as read (unchecked: see
-        :func:`streamer.history_kernels.check_histories`); missing users are left out."""
-        return self._multi_get(HISTORIES, user_ids, bytes)
+    def get_raw_histories(self, user_ids: Iterable[str]) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """The stored parts of the users' histories, ``(sealed part, head record)`` with
+        None for a missing part, as read (unchecked: see :func:`codec.join_history` and
+        :func:`streamer.history_kernels.check_history_parts`); users with neither are left out."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        keys = [codec.encode_user_id(u) for u in ids]
+        values = self._live().cf[HISTORIES][keys + [HEAD_PREFIX + k for k in keys]]
+        n = len(ids)
+        return {u: (s, h) for u, s, h in zip(ids, values[:n], values[n:]) if s is not None or h is not None}
 
     def get_vectors(self, user_ids: Iterable[str]) -> dict[str, VectorRecord]:
         """Vector records of the users that have one (missing users are left out)."""
@@ -426,7 +481,10 @@ class PartitionStore:
 
     def iter_users(self) -> Iterator[tuple[str, UserHistory]]:
         """Every ``(user_id, history)`` in user-id byte order, from one consistent view."""
-        return self._live().scan(HISTORIES, lambda k, v: (codec.decode_user_id(k), codec.decode_history(v)))
+        return (
+            (codec.decode_user_id(key), codec.join_history(sealed, head))
+            for key, sealed, head in self._live().scan_histories()
+        )
 
     def iter_vectors(self) -> Iterator[tuple[str, VectorRecord]]:
         """Every ``(user_id, vector record)`` in user-id byte order, from one consistent view."""
@@ -449,6 +507,9 @@ class PartitionStore:
         deletes: Iterable[str],
         offset: int,
         model_version: str | None = None,
+        *,
+        heads: Mapping[str, bytes] | None = None,
+        headless: Collection[str] | None = None,
     ) -> list[OutboxEntry]:
         """Apply one micro-batch atomically: state, outbox and offset in one WriteBatch.
 
@@ -456,8 +517,9 @@ class PartitionStore:
 
         1. Check the store is open, ``offset`` advances past :meth:`applied_offset`
            (else :class:`StaleOffsetError`), and no user is both updated and deleted.
-        2. Stage into one ``WriteBatch``: every history, then every vector record.
-        3. Stage each deleted user: delete its history and its vector.
+        2. Stage into one ``WriteBatch``: every history (as the user's sealed part, its head
+           deleted), every head, then every vector record.
+        3. Stage each deleted user: delete its history (both parts) and its vector.
         4. Stage outbox entries keyed ``(offset, user id)``: one per vector record and one
            tombstone per deleted user.
         5. Stage meta: the applied offset, and the model version when given.
@@ -474,12 +536,20 @@ class PartitionStore:
         Parameters
         ----------
         histories : mapping of user id to UserHistory, or to its :func:`codec.encode_history` bytes
+            Whole histories: each replaces the user's sealed part and its head.
         vectors : mapping of user id to VectorRecord
         deletes : iterable of user id
         offset : int
             Offset of the last event of the batch, > :meth:`applied_offset`.
         model_version : str, optional
             Model version the vectors were computed against, recorded in meta.
+        heads : mapping of user id to :func:`codec.encode_history_head` bytes, optional
+            New heads of users whose stored sealed part stays (not in ``histories``).
+        headless : collection of user id, optional
+            The users of ``histories`` the caller knows to have no stored head; the heads
+            of the others are deleted. By default the store looks the heads up, so that
+            it deletes only those that exist (a delete of a missing key leaves a
+            tombstone for nothing, and counts against RocksDB's estimate of the keys).
 
         Returns
         -------
@@ -494,21 +564,37 @@ class PartitionStore:
         if offset <= self._applied:
             raise StaleOffsetError(f"{self.name}: batch offset must be > applied offset {self._applied}, got {offset}")
         deletes = list(dict.fromkeys(deletes))
-        both = set(deletes) & (set(histories) | set(vectors))
+        heads = heads or {}
+        both = set(deletes) & (set(histories) | set(vectors) | set(heads))
         if both:
             raise StateStoreError(f"{self.name}: users must not be both updated and deleted in one batch, got {sorted(both)[:5]}")
+        if heads:
+            twice = set(heads) & set(histories)
+            if twice:
+                raise StateStoreError(f"{self.name}: a user gets either a whole history or a head, got both for {sorted(twice)[:5]}")
 
         batch = WriteBatch(raw_mode=True)
         h = db.handle
+        cf = h[HISTORIES]
+        if headless is None:
+            found = self.get_raw_histories(histories)
+            headless = {u for u in histories if found.get(u, (None, None))[1] is None}
         for user_id, history in histories.items():
             if not isinstance(history, bytes):  # else already encode_history()'s bytes
                 history = codec.encode_history(history)
-            batch.put(codec.encode_user_id(user_id), history, h[HISTORIES])
+            key = codec.encode_user_id(user_id)
+            batch.put(key, history, cf)
+            if user_id not in headless:
+                batch.delete(HEAD_PREFIX + key, cf)
+        for user_id, head in heads.items():
+            batch.put(HEAD_PREFIX + codec.encode_user_id(user_id), head, cf)
         for user_id, record in vectors.items():
             batch.put(codec.encode_user_id(user_id), codec.encode_vector_record(record), h[VECTORS])
         for user_id in deletes:
-            batch.delete(codec.encode_user_id(user_id), h[HISTORIES])
-            batch.delete(codec.encode_user_id(user_id), h[VECTORS])
+            key = codec.encode_user_id(user_id)
+            batch.delete(key, cf)
+            batch.delete(HEAD_PREFIX + key, cf)
+            batch.delete(key, h[VECTORS])
         entries = [OutboxEntry(codec.encode_outbox_key(offset, u), offset, u, r) for u, r in vectors.items()]
         entries += [OutboxEntry(codec.encode_outbox_key(offset, u), offset, u, None) for u in deletes]
         for entry in entries:

@@ -62,8 +62,8 @@ def main() -> None:
             say("WAKE")
         return original_decode(self, store, records)
 
-    def commit_batch(self, histories, vectors, deletes, offset, model_version=None):
-        entries = original_commit(self, histories, vectors, deletes, offset, model_version=model_version)
+    def commit_batch(self, histories, vectors, deletes, offset, model_version=None, **parts):
+        entries = original_commit(self, histories, vectors, deletes, offset, model_version=model_version, **parts)
         say(f"WRITE partition={self.partition} offset={offset}")
         return entries
 

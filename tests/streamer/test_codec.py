@@ -192,6 +192,7 @@ DECODERS = {
     "offset": codec.decode_offset,
     "outbox": codec.decode_outbox_value,
     "text": codec.decode_text,
+    "head": codec.decode_history_head,
 }
 
 
@@ -204,10 +205,11 @@ def samples():
         "offset": codec.encode_offset(17),
         "outbox": codec.encode_outbox_value("u", record),
         "tombstone": codec.encode_outbox_value("u", None),
+        "head": codec.encode_history_head(3, history),
     }
 
 
-@pytest.mark.parametrize("kind", ["history", "vector", "offset", "outbox", "tombstone"])
+@pytest.mark.parametrize("kind", ["history", "vector", "offset", "outbox", "tombstone", "head"])
 def test_truncated_or_padded_bytes_raise_format_error(kind):
     buf = samples()[kind]
     decode = DECODERS["outbox" if kind == "tombstone" else kind]
@@ -352,3 +354,41 @@ def test_many_pre_encodes_the_bytes_encode_vector_record_writes(n, k, version, l
                              record.last_event_time, record.processed_at)
         assert codec.encode_vector_record(record) == codec.encode_vector_record(fresh)
         assert codec.decode_vector_record(codec.encode_vector_record(record)) == record
+
+
+@given(events, events, st.integers(0, 12))
+def test_history_parts_join_into_the_history_they_split(first, second, evicted):
+    # A history split anywhere, its first ``evicted`` events marked evicted, joins back
+    # into the history without them.
+    whole = build(first + second, max_events=100).history
+    at = len(first) if len(first) <= len(whole) else len(whole)
+    evicted = min(evicted, at)
+    blob, lengths = whole._id_bytes()
+    ids = whole.item_ids
+    sealed = UserHistory(ids[:at], whole.weights[:at], whole.times[:at], whole.event_hashes[:at])
+    head = UserHistory(ids[at:], whole.weights[at:], whole.times[at:], whole.event_hashes[at:])
+    record = codec.encode_history_head(evicted, head)
+    assert codec.decode_history_head(record) == (evicted, head)
+    joined = codec.join_history(codec.encode_history(sealed), record)
+    assert joined == UserHistory(ids[evicted:], whole.weights[evicted:], whole.times[evicted:],
+                                 whole.event_hashes[evicted:])
+    assert codec.join_history(codec.encode_history(whole), None) == whole
+
+
+def test_join_history_refuses_parts_that_are_not_a_history():
+    sealed = build([("a", 1.0, 10.0, 0), ("b", 1.0, 20.0, 0)]).history
+    late = build([("c", 1.0, 15.0, 0)]).history
+    with pytest.raises(StoreFormatError, match="neither a sealed part nor a head"):
+        codec.join_history(None, None)
+    with pytest.raises(StoreFormatError, match="head without a sealed part"):
+        codec.join_history(None, codec.encode_history_head(0, late))
+    with pytest.raises(StoreFormatError, match="evicts 3 events of a sealed part of 2"):
+        codec.join_history(codec.encode_history(sealed), codec.encode_history_head(3, late))
+    with pytest.raises(StoreFormatError, match="older than the sealed part"):
+        codec.join_history(codec.encode_history(sealed), codec.encode_history_head(1, late))
+    # Once the newer sealed event is evicted too, the head follows what is left.
+    assert codec.join_history(codec.encode_history(sealed), codec.encode_history_head(2, late)) == late
+    with pytest.raises(StoreFormatError, match="must be 0x61, got 0x11"):
+        codec.join_history(codec.encode_history(sealed), codec.encode_history(late))
+    with pytest.raises(InvalidRecordError, match="evicted must be in"):
+        codec.encode_history_head(-1, late)

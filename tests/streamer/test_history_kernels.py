@@ -11,9 +11,13 @@ from streamer.errors import StoreFormatError
 from streamer.history_kernels import (
     HistoryColumns,
     check_histories,
+    check_history_parts,
     encode_histories,
     merge_new_events,
     parse_histories,
+    plan_history_writes,
+    plan_history_writes_reference,
+    visible_events,
 )
 
 ids = st.text(max_size=6)
@@ -144,3 +148,138 @@ def test_check_histories_accepts_exactly_what_decode_history_accepts(stored, rnd
                     check_histories(blobs + [bad])
                 with pytest.raises(StoreFormatError):
                     check_histories([bad] + blobs)
+
+
+# ------------------------------------------------------------- sealed part + head
+
+
+def split(h: UserHistory, at: int) -> tuple[UserHistory, UserHistory]:
+    ids = h.item_ids
+    return (UserHistory(ids[:at], h.weights[:at], h.times[:at], h.event_hashes[:at]),
+            UserHistory(ids[at:], h.weights[at:], h.times[at:], h.event_hashes[at:]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(users, st.integers(1, 8), st.integers(0, 3), st.data())
+def test_planned_heads_join_into_the_merged_history(data, cap, min_head, draw):
+    """Stored histories in two parts (some evicted), new events merged in: where the plan
+    writes only a head, the stored sealed part and that head join into exactly the merged
+    history; the kernel's plan equals its reference."""
+    stored, parts, evicted = [], [], []
+    for old, _ in data:
+        full = history(old, 100)
+        at = draw.draw(st.integers(0, len(full)))
+        gone = draw.draw(st.integers(0, at))
+        sealed, head = split(full, at)
+        parts += [sealed, head]
+        evicted.append(gone)
+        stored.append(split(full, gone)[1])
+    # Each user's history is its parts' join, and visible_events picks exactly it.
+    columns = parse_histories([codec.encode_history(p) for p in parts])
+    ptr, idx = visible_events(columns.ptr, np.array(evicted, np.int64))
+    rows = np.arange(columns.ptr[-1]) if idx is None else idx
+    joined = HistoryColumns(ptr, *(c[rows] for c in columns[1:6]), columns.id_buf)
+    for u, want in enumerate(stored):
+        assert_same(joined, u, want)
+
+    seg = np.array([u for u, (_, new) in enumerate(data) for _ in new], dtype=np.int64)
+    new = [e for _, evs in data for e in evs]
+    t = np.array([e[2] for e in new], dtype=np.float64)
+    h = np.array([e[3] for e in new], dtype=np.uint64)
+    new_ptr = np.zeros(len(data) + 1, np.int64)
+    np.cumsum(np.bincount(seg, minlength=len(data)), out=new_ptr[1:])
+    m_ptr, source, *_ = merge_new_events(joined.ptr, joined.times, joined.hashes, new_ptr, t, h, cap)
+    sealed_count = np.array([len(p) for p in parts[::2]], np.int64)
+    ev = np.array(evicted, np.int64)
+    whole = np.array([draw.draw(st.booleans()) for _ in data])
+    args = (m_ptr, source, joined.ptr, sealed_count - ev, ev, whole, min_head)
+    head_from, total = plan_history_writes(*args)
+    ref_from, ref_total = plan_history_writes_reference(*args)
+    assert head_from.tolist() == ref_from.tolist()
+    assert total[head_from >= 0].tolist() == ref_total[ref_from >= 0].tolist()
+
+    ids = [e[0].encode("utf-8") for e in new]
+    new_len = np.array([len(i) for i in ids], dtype=np.int64)
+    new_pos = np.concatenate([[0], np.cumsum(new_len)[:-1]]).astype(np.int64) + joined.id_buf.shape[0]
+    buf = np.frombuffer(joined.id_buf.tobytes() + b"".join(ids), np.uint8)
+    w = np.array([e[1] for e in new], dtype=np.float32)
+    merged = HistoryColumns(
+        m_ptr, np.concatenate([joined.weights, w])[source], np.concatenate([joined.times, t])[source],
+        np.concatenate([joined.hashes, h])[source], np.concatenate([joined.id_pos, new_pos])[source],
+        np.concatenate([joined.id_len, new_len])[source], buf)
+    whole_blobs = encode_histories(merged)
+    planned = encode_histories(merged, np.where(head_from >= 0, head_from, m_ptr[:-1]), m_ptr[1:],
+                               np.where(head_from >= 0, total, -1))
+    for u in range(len(data)):
+        if whole[u] or head_from[u] < 0:
+            assert planned[u] == whole_blobs[u]
+            continue
+        assert planned[u][0] == codec.HISTORY_HEAD_FORMAT
+        assert codec.join_history(codec.encode_history(parts[2 * u]), planned[u]) == \
+            codec.decode_history(whole_blobs[u])
+        # A head stays small: the bound, or the sealed events it follows.
+        kept = head_from[u] - m_ptr[u]
+        bound = max(min_head, int(np.sqrt(2.0 * kept)))
+        assert m_ptr[u + 1] - head_from[u] <= bound and total[u] <= bound
+
+
+def test_plan_writes_heads_for_appends_and_whole_histories_otherwise():
+    # One user: sealed part of 100 events (times 0..99), 2 evicted, no head; cases below.
+    sealed = 100
+    old_ptr = np.array([0, sealed - 2], np.int64)
+
+    def plan(source, whole=False, evicted=2):
+        ptr = np.array([0, len(source)], np.int64)
+        return plan_history_writes(ptr, np.array(source, np.int64), old_ptr,
+                                   np.array([sealed - 2]), np.array([evicted]), np.array([whole]), 16)
+
+    old = list(range(sealed - 2))
+    new = [sealed - 2 + j for j in range(3)]  # source indices of three new events
+    assert [a.tolist() for a in plan(old + new)] == [[sealed - 2], [2]]  # appended: a head
+    assert [a.tolist() for a in plan(old[1:] + new)] == [[sealed - 3], [3]]  # one more evicted
+    assert plan(old[:5] + new[:1] + old[5:] + new[1:])[0].tolist() == [-1]  # a late event among them
+    assert plan(old + new, whole=True)[0].tolist() == [-1]  # forgotten, or no sealed part
+    # The bound: max(16, sqrt(2 * 98) = 14) = 16 head events, or 16 evicted in all.
+    assert plan(old + list(range(sealed - 2, sealed + 14)))[0].tolist() == [sealed - 2]  # 16
+    assert plan(old + list(range(sealed - 2, sealed + 15)))[0].tolist() == [-1]  # 17
+    assert plan(old[14:] + new)[0].tolist() == [sealed - 2 - 14]  # 2 + 14 evicted
+    assert plan(old[15:] + new)[0].tolist() == [-1]  # 2 + 15
+
+
+def _joins(sealed, head) -> bool:
+    try:
+        codec.join_history(sealed, head)
+    except StoreFormatError:
+        return False
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(events, events), min_size=1, max_size=4), st.data(),
+       st.randoms(use_true_random=False))
+def test_check_history_parts_accepts_exactly_what_join_history_accepts(stored, draw, rnd):
+    parts = []
+    for old, new in stored:
+        sealed = codec.encode_history(history(old, 8))
+        head = history(new, 8)
+        n = codec.decode_history(sealed).__len__()
+        parts.append((sealed, codec.encode_history_head(draw.draw(st.integers(0, n + 1)), head)))
+        parts.append((sealed, None))
+    good = [p for p in parts if _joins(*p)]
+    check_history_parts(good)  # valid: no error
+    for sealed, head in parts:
+        damaged = [(sealed, head), (None, head), (sealed, head[:4] if head else b"")]
+        if head is not None:
+            damaged += [(sealed, bytes([0x11]) + head[1:])]
+            damaged += [(sealed, head[:5] + bad) for bad in _mutations(head[5:], rnd)]
+            damaged += [(bad, head) for bad in _mutations(sealed, rnd)]
+        for pair in damaged:
+            if pair == (None, None):
+                continue
+            if _joins(*pair):
+                check_history_parts(good + [pair])
+            else:
+                with pytest.raises(StoreFormatError):
+                    check_history_parts(good + [pair])
+                with pytest.raises(StoreFormatError):
+                    check_history_parts([pair] + good)

@@ -279,10 +279,87 @@ def test_format_version_mismatch(make_store, state_dir):
     db = raw_db(state_dir / "interactions-0")
     db.get_column_family("meta")[b"format_version"] = (99).to_bytes(4, "little")
     db.close()
-    with pytest.raises(StoreFormatError, match="format version must be 1, got 99"):
+    with pytest.raises(StoreFormatError, match=r"format version must be one of \(1, 2\), got 99"):
         make_store()
-    with pytest.raises(StoreFormatError, match="format version must be 1, got 99"):
+    with pytest.raises(StoreFormatError, match=r"format version must be one of \(1, 2\), got 99"):
         StoreReader(state_dir)
+
+
+def test_a_version_1_store_is_read_and_upgraded(make_store, state_dir):
+    # Format 1 had no heads: its histories are version-2 histories without one.
+    db = raw_db(state_dir / "interactions-0")
+    db.get_column_family("meta")[b"format_version"] = (1).to_bytes(4, "little")
+    db.get_column_family("histories")[b"u"] = codec.encode_history(history("a", "b"))
+    db.close()
+    with StoreReader(state_dir) as reader:  # readers accept it as it is
+        assert reader.partitions() == ["interactions-0"]
+    store = make_store()
+    assert store.get_histories(["u"]) == {"u": history("a", "b")}
+    store.commit_batch({}, {}, [], 1, heads={"u": codec.encode_history_head(1, history("c", t0=200.0))})
+    assert store.get_histories(["u"]) == {"u": parts_history(history("a", "b"), 1, history("c", t0=200.0))}
+    store.close()
+    db = raw_db(state_dir / "interactions-0")
+    assert db.get_column_family("meta")[b"format_version"] == (2).to_bytes(4, "little")
+    db.close()
+
+
+def parts_history(sealed: UserHistory, evicted: int, head: UserHistory) -> UserHistory:
+    """The reference join: the sealed events the head does not evict, then the head's."""
+    kept = sealed.item_ids[evicted:] + head.item_ids
+    return UserHistory(kept, np.concatenate([sealed.weights[evicted:], head.weights]),
+                       np.concatenate([sealed.times[evicted:], head.times]),
+                       np.concatenate([sealed.event_hashes[evicted:], head.event_hashes]))
+
+
+def test_heads_extend_the_sealed_part_until_a_whole_history_replaces_both(make_store):
+    store = make_store()
+    sealed = history("a", "b", "c")
+    store.commit_batch({"u": sealed, "w": history("z")}, {}, [], 1)
+    head = history("d", "e", t0=200.0)
+    store.commit_batch({}, {}, [], 2, heads={"u": codec.encode_history_head(1, head)})
+    joined = parts_history(sealed, 1, head)
+    assert [i for i in joined.item_ids] == ["b", "c", "d", "e"]
+    assert store.get_histories(["u", "w"]) == {"u": joined, "w": history("z")}
+    assert dict(store.iter_users()) == {"u": joined, "w": history("z")}
+    raw = store.get_raw_histories(["u", "w", "nobody"])
+    assert raw == {"u": (codec.encode_history(sealed), codec.encode_history_head(1, head)),
+                   "w": (codec.encode_history(history("z")), None)}
+
+    # A whole history replaces both parts; a user that is declared headless keeps its head.
+    store.commit_batch({"u": history("x")}, {}, [], 3)
+    assert store.get_raw_histories(["u"]) == {"u": (codec.encode_history(history("x")), None)}
+    store.commit_batch({}, {}, [], 4, heads={"u": codec.encode_history_head(0, head)})
+    store.commit_batch({"u": history("y")}, {}, [], 5, headless={"u"})  # the caller vouches
+    assert store.get_raw_histories(["u"])["u"][1] == codec.encode_history_head(0, head)
+
+    # Deleting a user deletes both parts.
+    store.commit_batch({}, {}, ["u"], 6)
+    assert store.get_raw_histories(["u"]) == {} and dict(store.iter_users()) == {"w": history("z")}
+
+    with pytest.raises(StateStoreError, match="either a whole history or a head"):
+        store.commit_batch({"w": history("q")}, {}, [], 7, heads={"w": codec.encode_history_head(0, head)})
+    with pytest.raises(StateStoreError, match="both updated and deleted"):
+        store.commit_batch({}, {}, ["w"], 7, heads={"w": codec.encode_history_head(0, head)})
+
+
+def test_iter_users_joins_heads_in_user_order(make_store):
+    store = make_store()
+    users = ["a", "a\x00", "ab", "b", "ü", "\U0001f600"]
+    store.commit_batch({u: history(u) for u in users}, {}, [], 1)
+    heads = {u: codec.encode_history_head(0, history("h" + u, t0=500.0)) for u in users[::2]}
+    store.commit_batch({}, {}, [], 2, heads=heads)
+    got = list(store.iter_users())
+    assert [u for u, _ in got] == sorted(users, key=lambda u: u.encode())
+    for user, joined in got:
+        expected = parts_history(history(user), 0, history("h" + user, t0=500.0)) if user in heads else history(user)
+        assert joined == expected
+    # A head without its sealed part is damage, found by every reader.
+    del store._live().cf["histories"][b"b"]
+    store.commit_batch({}, {}, [], 3, heads={"b": codec.encode_history_head(0, history("q", t0=600.0))})
+    with pytest.raises(StoreFormatError, match="head without a sealed part"):
+        dict(store.iter_users())
+    with pytest.raises(StoreFormatError, match="head without a sealed part"):
+        store.get_histories(["b"])
 
 
 def test_data_without_format_version_is_refused(state_dir):
