@@ -8,7 +8,12 @@ base units (seconds, bytes), ``_total`` for counters. No user or item ids are la
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "foldstream"
 
@@ -19,6 +24,54 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 NORM_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 SHIFT_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
 RETRAIN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class BulkHistogram:
+    """A Prometheus histogram (no labels) that takes many observations in one call.
+
+    client_python's ``Histogram.observe`` takes a lock and searches the buckets per value,
+    about 1.6 us each: for a per-event histogram at tens of thousands of events a second
+    that was a few percent of the consumer. :meth:`observe_many` counts an array with one
+    ``searchsorted``; the exposition is a histogram family like ``Histogram``'s (``_bucket``
+    with ``le``, ``_count``, ``_sum``; no ``_created``). Thread-safe.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets, registry: CollectorRegistry) -> None:
+        upper = [float(b) for b in buckets]
+        if not upper or upper != sorted(set(upper)) or not np.isfinite(upper).all():
+            raise ValueError(f"buckets must be finite and increasing, got {buckets}")
+        self._name, self._doc = name, documentation
+        self._upper = np.array(upper)
+        self._counts = np.zeros(len(upper) + 1, np.int64)  # per bucket, the last is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.array([value], dtype=np.float64))
+
+    def observe_many(self, values) -> None:
+        """Count each value in the first bucket whose upper bound (``le``) is >= it."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if not values.size:
+            return
+        counts = np.bincount(np.searchsorted(self._upper, values, side="left"),
+                             minlength=self._counts.shape[0])
+        total = float(values.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def collect(self):
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        labels = [floatToGoString(b) for b in self._upper.tolist()] + ["+Inf"]
+        yield HistogramMetricFamily(self._name, self._doc, buckets=list(zip(labels, cumulative)),
+                                    sum_value=total)
+
+    def describe(self):
+        return [HistogramMetricFamily(self._name, self._doc)]
 
 
 class Metrics:
@@ -59,9 +112,9 @@ class Metrics:
                                         SECONDS_BUCKETS)
         self.write_seconds = histogram("rocksdb_write_seconds", "RocksDB WriteBatch time per micro-batch.",
                                        SECONDS_BUCKETS)
-        self.latency = histogram("event_to_published_seconds",
-                                 "From the record's broker timestamp to the vector's acknowledgement.",
-                                 LATENCY_BUCKETS)
+        self.latency = BulkHistogram(f"{PREFIX}_event_to_published_seconds",
+                                     "From the record's broker timestamp to the vector's acknowledgement.",
+                                     LATENCY_BUCKETS, r)
         self.last_event_time = gauge("last_event_timestamp_seconds",
                                      "Broker timestamp of the newest record applied.")
         self.last_batch_time = gauge("last_batch_timestamp_seconds",
