@@ -739,6 +739,22 @@ def decode_vector_record(buf: bytes) -> VectorRecord:
     return VectorRecord(vector, version, n, last, processed)
 
 
+def vector_of_version(buf: bytes, model_version: str) -> np.ndarray | None:
+    """The factors of a vector record when it was computed against ``model_version``,
+    else None: a light read for monitoring samples (the layout is checked, the values
+    are not; :func:`decode_vector_record` checks everything)."""
+    what = "vector record"
+    _check_format(buf, VECTOR_FORMAT, what, _VECTOR_HEAD.size)
+    k = int.from_bytes(buf[1:5], "little")
+    version_len = int.from_bytes(buf[_VECTOR_HEAD.size - 2:_VECTOR_HEAD.size], "little")
+    if len(buf) != _VECTOR_HEAD.size + version_len + 4 * k:
+        raise StoreFormatError(f"{what}: k={k} and a {version_len}-byte model version need "
+                               f"{_VECTOR_HEAD.size + version_len + 4 * k} bytes, got {len(buf)}")
+    if buf[_VECTOR_HEAD.size:_VECTOR_HEAD.size + version_len] != model_version.encode("utf-8"):
+        return None
+    return np.frombuffer(buf, dtype="<f4", count=k, offset=_VECTOR_HEAD.size + version_len).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- offsets, text
 
 

@@ -49,13 +49,17 @@ from streamer.store import PartitionStore
 
 
 class RawRecord(NamedTuple):
-    """The parts of a Kafka record the processor needs (kafka-python independent)."""
+    """The parts of a Kafka record the processor needs (kafka-python independent).
+
+    Its fields are named as kafka-python's ``ConsumerRecord`` attributes, so the consumer
+    hands those in as they are (no copy per record).
+    """
 
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp_ms: int | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: int | None = None  # broker timestamp, ms since the epoch
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 @dataclass
@@ -108,7 +112,11 @@ class PartitionProcessor:
         self._grams: tuple[LoadedModel | None, GramCache | None] = (None, None)
 
     def decode(self, store: PartitionStore, records: Sequence[RawRecord]) -> tuple[list, BatchOutcome]:
-        """Steps 1-2: the records still to apply, decoded, and the rejections among them."""
+        """Steps 1-2: the records still to apply, decoded, and the rejections among them.
+
+        ``records``: :class:`RawRecord` or anything with its attributes (kafka-python's
+        ``ConsumerRecord``), in offset order.
+        """
         outcome = BatchOutcome()
         applied = store.applied_offset()
         decoded = []
@@ -119,7 +127,7 @@ class PartitionProcessor:
             if record.offset <= applied:
                 outcome.skipped_replayed += 1
                 continue
-            broker_ms = record.timestamp_ms
+            broker_ms = record.timestamp
             if broker_ms is None or broker_ms < 0:
                 broker_ms = now_ms
             times.append(broker_ms)
@@ -139,30 +147,16 @@ class PartitionProcessor:
             return outcome
         # Step 3: the batch's interactions in columns, each tagged with its user's index
         # (its "segment"); a forget drops the user's earlier events and stored history.
-        segment: dict[str, int] = {}
-        users: list[str] = []
-        forget_at: list[int] = []  # per user: events before this position are forgotten
-        seg, items, weights, times, hashes = [], [], [], [], []
-        for event in decoded:
-            if isinstance(event, Interaction):
-                s = segment.get(event.user)
-                if s is None:
-                    s = segment[event.user] = len(users)
-                    users.append(event.user)
-                    forget_at.append(-1)
-                seg.append(s)
-                items.append(event.item)
-                weights.append(event.weight)
-                times.append(event.ts)
-                hashes.append(event.event_id_hash)
-            elif isinstance(event, Forget):
-                s = segment.get(event.user)
-                if s is None:
-                    s = segment[event.user] = len(users)
-                    users.append(event.user)
-                    forget_at.append(-1)
-                forget_at[s] = len(seg)
-                outcome.forgotten += 1
+        interactions = [e for e in decoded if type(e) is Interaction]
+        if len(interactions) == len(decoded):  # the common case: columns by transposition
+            segment: dict[str, int] = {}
+            user_col, items, weights, times, hashes, _ = (
+                map(list, zip(*interactions)) if interactions else ([], [], [], [], [], []))
+            seg = [segment.setdefault(u, len(segment)) for u in user_col]
+            users = list(segment)
+            forget_at = [-1] * len(users)
+        else:
+            users, forget_at, seg, items, weights, times, hashes = self._columns(decoded, outcome)
         seg_a = np.array(seg, dtype=np.int64)
         reset = np.array(forget_at, dtype=np.int64) >= 0
         if reset.any():
@@ -271,11 +265,7 @@ class PartitionProcessor:
         outcome.new_user_events = int(counts[fresh].sum()) if n_users else 0
         # A sample is enough for the cosine-shift histogram; reading every updated user's
         # vector would add a RocksDB multi-get of the whole batch to the hot path.
-        outcome.previous_vectors = {
-            user: record.vector
-            for user, record in store.get_vectors(changed_users[:DRIFT_SAMPLE_USERS]).items()
-            if record.model_version == model.version
-        }
+        outcome.previous_vectors = store.get_factors(changed_users[:DRIFT_SAMPLE_USERS], model.version)
 
         # Step 5: one exact solve for every changed user.
         started = time.perf_counter()
@@ -319,6 +309,35 @@ class PartitionProcessor:
         outcome.write_seconds = time.perf_counter() - started
         cache.committed(entries, deletes)
         return outcome
+
+    @staticmethod
+    def _columns(decoded: list, outcome: BatchOutcome) -> tuple[list, ...]:
+        """Step 3 event by event, for batches with forgets (or rejections)."""
+        segment: dict[str, int] = {}
+        users: list[str] = []
+        forget_at: list[int] = []  # per user: events before this position are forgotten
+        seg, items, weights, times, hashes = [], [], [], [], []
+        for event in decoded:
+            if isinstance(event, Interaction):
+                s = segment.get(event.user)
+                if s is None:
+                    s = segment[event.user] = len(users)
+                    users.append(event.user)
+                    forget_at.append(-1)
+                seg.append(s)
+                items.append(event.item)
+                weights.append(event.weight)
+                times.append(event.ts)
+                hashes.append(event.event_id_hash)
+            elif isinstance(event, Forget):
+                s = segment.get(event.user)
+                if s is None:
+                    s = segment[event.user] = len(users)
+                    users.append(event.user)
+                    forget_at.append(-1)
+                forget_at[s] = len(seg)
+                outcome.forgotten += 1
+        return users, forget_at, seg, items, weights, times, hashes
 
     def _cache(self, store: PartitionStore, model: LoadedModel) -> "HistoryCache":
         cache = self._caches.get(store)

@@ -66,7 +66,7 @@ def dead_letter_headers(source_topic: str, partition: int, record: RawRecord,
         ("source_partition", str(partition).encode()),
         ("source_offset", str(record.offset).encode()),
     ]
-    return headers + list(record.headers)
+    return headers + list(record.headers or ())
 
 
 class Publisher:

@@ -48,7 +48,7 @@ from streamer.config import AppConfig
 from streamer.fetch_wait import FetchWaitGuard
 from streamer.kafka_io import make_consumer, make_vector_producer
 from streamer.model import LoadedModel
-from streamer.processor import BatchOutcome, PartitionProcessor, RawRecord
+from streamer.processor import BatchOutcome, PartitionProcessor
 from streamer.publisher import Publisher
 from streamer.registry import ModelRegistry
 from streamer.store import PartitionStore
@@ -262,9 +262,8 @@ class FoldService:
             store = self.stores.get(tp)
             if store is None or tp in fresh:
                 continue  # not ours (any more), or fetched before our seek
-            raw = [RawRecord(r.offset, r.key, r.value, r.timestamp,
-                             tuple(r.headers or ())) for r in records]
-            decoded, outcome = self.processor.decode(store, raw)
+            # kafka-python's records have RawRecord's attributes: no copy per record.
+            decoded, outcome = self.processor.decode(store, records)
             work.append((tp, store, decoded, outcome))
 
         work = self._still_member(work, generation)

@@ -43,6 +43,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Mapping, TypeVar
 
+import numpy as np
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
@@ -478,6 +479,12 @@ class PartitionStore:
     def get_vectors(self, user_ids: Iterable[str]) -> dict[str, VectorRecord]:
         """Vector records of the users that have one (missing users are left out)."""
         return self._multi_get(VECTORS, user_ids, codec.decode_vector_record)
+
+    def get_factors(self, user_ids: Iterable[str], model_version: str) -> dict[str, np.ndarray]:
+        """The stored vectors of the users whose vector was computed against
+        ``model_version`` (others are left out); a light read for monitoring samples."""
+        found = self._multi_get(VECTORS, user_ids, lambda buf: codec.vector_of_version(buf, model_version))
+        return {u: v for u, v in found.items() if v is not None}
 
     def iter_users(self) -> Iterator[tuple[str, UserHistory]]:
         """Every ``(user_id, history)`` in user-id byte order, from one consistent view."""

@@ -392,3 +392,15 @@ def test_join_history_refuses_parts_that_are_not_a_history():
         codec.join_history(codec.encode_history(sealed), codec.encode_history(late))
     with pytest.raises(InvalidRecordError, match="evicted must be in"):
         codec.encode_history_head(-1, late)
+
+
+def test_vector_of_version_reads_the_factors_of_one_model_version():
+    record = VectorRecord(np.arange(5, dtype=np.float32) / 3, "v000002", 4, 11.0, 12.0)
+    buf = codec.encode_vector_record(record)
+    got = codec.vector_of_version(buf, "v000002")
+    assert got.dtype == np.float32 and np.array_equal(got, codec.decode_vector_record(buf).vector)
+    assert codec.vector_of_version(buf, "v000001") is None
+    with pytest.raises(StoreFormatError, match="need"):
+        codec.vector_of_version(buf[:-1], "v000002")
+    with pytest.raises(StoreFormatError, match="must be 0x21"):
+        codec.vector_of_version(codec.encode_offset(3), "v000002")

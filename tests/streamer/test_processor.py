@@ -195,7 +195,7 @@ def test_histories_written_as_heads_equal_appending_each_batch(tmp_path, synthet
     for start in range(0, len(recs), batch):
         pending: dict[str, list] = {}
         for r in recs[start:start + batch]:
-            event = decoder.decode(r.key, r.value, r.offset, r.timestamp_ms)
+            event = decoder.decode(r.key, r.value, r.offset, r.timestamp)
             if isinstance(event, Forget):
                 expected.pop(event.user, None)
                 pending[event.user] = []

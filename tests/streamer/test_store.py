@@ -494,3 +494,11 @@ def test_model_switch_rewrites_vectors_and_version_without_moving_the_offset(mak
     assert [e.offset for e in entries] == [7, 7]
     with pytest.raises(StateStoreError, match="another version"):
         store.commit_model_switch({"u": record(3.0)}, "v000003")
+
+
+def test_get_factors_reads_vectors_of_one_model_version(make_store):
+    store = make_store()
+    other = VectorRecord(np.full(4, 9.0, np.float32), "v000002", 1, 100.0, 1.0)
+    store.commit_batch({}, {"a": record(1.0), "b": other}, [], 1)
+    got = store.get_factors(["a", "b", "nobody"], "v000001")
+    assert got.keys() == {"a"} and np.array_equal(got["a"], record(1.0).vector)
