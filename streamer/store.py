@@ -94,6 +94,7 @@ _COPY_CHUNK = 10_000
 # Table tuning; constants until a deployment needs to change them.
 WRITE_BUFFER_BYTES = 16 * 2**20  # memtable per column family, four per partition
 BLOOM_BITS_PER_KEY = 10  # point lookups of vectors and histories, mostly misses in StoreReader
+MEMTABLE_BLOOM_RATIO = 0.1  # of the memtable's size, for its whole-key bloom filter
 
 T = TypeVar("T")
 
@@ -164,6 +165,10 @@ def _options(*, create: bool, secondary: bool,
         table.set_block_cache(_shared_cache(config.block_cache_bytes))
         if name in (VECTORS, HISTORIES):
             table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
+            # A bloom filter over the memtable's keys too: most head lookups of a
+            # history read are misses, which the memtable otherwise answers with a search.
+            cf.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO)
+            cf.set_memtable_whole_key_filtering(True)
         cf.set_block_based_table_factory(table)
         families[name] = cf
     return opts, families
