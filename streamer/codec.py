@@ -14,6 +14,8 @@ Layouts (version 1)::
     text      B fmt | utf-8
     outbox    B fmt | B kind (1 vector, 2 tombstone) | I len | user id | vector record (kind 1 only)
     outbox key    >Q offset | user id          (big-endian, so keys sort in offset order)
+    users     B fmt | I n | u4[n] id lengths | user ids     (an outbox entry of one batch, version 2)
+    users key     >Q offset | >Q write sequence number
 
 A user's history is stored in two parts, so that a new event rewrites a few events, not
 all of them: the *sealed* part (a history record) and an optional *head* (a head record).
@@ -43,6 +45,7 @@ VECTOR_FORMAT = 0x21
 OFFSET_FORMAT = 0x31
 TEXT_FORMAT = 0x41
 OUTBOX_FORMAT = 0x51
+OUTBOX_USERS_FORMAT = 0x52
 HISTORY_HEAD_FORMAT = 0x61
 
 OUTBOX_VECTOR = 1
@@ -55,6 +58,8 @@ _VECTOR_HEAD = struct.Struct("<BIqddH")
 _OFFSET = struct.Struct("<Bq")
 _OUTBOX_HEAD = struct.Struct("<BBI")
 _OUTBOX_KEY_OFFSET = struct.Struct(">Q")
+_OUTBOX_USERS_KEY = struct.Struct(">QQ")
+_OUTBOX_USERS_HEAD = struct.Struct("<BI")
 _MAX_MODEL_VERSION_BYTES = 0xFFFF
 
 
@@ -816,6 +821,37 @@ def encode_outbox_value(user_id: str, record: VectorRecord | None) -> bytes:
     kind = OUTBOX_TOMBSTONE if record is None else OUTBOX_VECTOR
     body = b"" if record is None else encode_vector_record(record)
     return _OUTBOX_HEAD.pack(OUTBOX_FORMAT, kind, len(uid)) + uid + body
+
+
+def encode_outbox_users_key(offset: int, sequence: int) -> bytes:
+    """Key of a batch's outbox entry: its offset, then the database write that holds it
+    (both big-endian: keys sort in commit order, and two writes at one offset differ)."""
+    if not (0 <= offset < 2**63 and 0 <= sequence < 2**64):
+        raise InvalidRecordError(f"outbox key: offset and sequence must be >= 0, got {offset}, {sequence}")
+    return _OUTBOX_USERS_KEY.pack(offset, sequence)
+
+
+def encode_outbox_users(user_ids: Sequence[str]) -> bytes:
+    """A batch's outbox entry: the users whose state (stored vector, or none: a tombstone)
+    is to be published."""
+    ids = [_utf8(u, "user id") for u in user_ids]
+    return b"".join([_OUTBOX_USERS_HEAD.pack(OUTBOX_USERS_FORMAT, len(ids)),
+                     np.fromiter(map(len, ids), dtype="<u4", count=len(ids)).tobytes(), *ids])
+
+
+def decode_outbox_users(buf: bytes) -> list[str]:
+    """The user ids of a batch's outbox entry; :class:`StoreFormatError` if it is not one."""
+    what = "outbox users"
+    _check_format(buf, OUTBOX_USERS_FORMAT, what, _OUTBOX_USERS_HEAD.size)
+    _, n = _OUTBOX_USERS_HEAD.unpack_from(buf)
+    start = _OUTBOX_USERS_HEAD.size + 4 * n
+    if len(buf) < start:
+        raise StoreFormatError(f"{what}: {n} users need at least {start} bytes, got {len(buf)}")
+    lengths = np.frombuffer(buf, dtype="<u4", count=n, offset=_OUTBOX_USERS_HEAD.size).astype(np.int64)
+    if int(lengths.sum()) != len(buf) - start:
+        raise StoreFormatError(f"{what}: user ids need {int(lengths.sum())} bytes, got {len(buf) - start}")
+    bounds = (start + np.concatenate([[0], np.cumsum(lengths)])).tolist()
+    return [_text(buf[a:b], what) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def decode_outbox_value(buf: bytes) -> tuple[str, VectorRecord | None]:

@@ -7,7 +7,9 @@ four column families::
     histories  user id -> UserHistory           (codec.encode_history: the sealed part)
                0xFF + user id -> head record    (codec.encode_history_head, optional)
     meta       b"format_version" -> <I, b"applied_offset" -> offset, b"model_version" -> text
-    outbox     >Q offset + user id -> user id + VectorRecord, or a tombstone
+    outbox     >Q offset + >Q write sequence -> the batch's updated and deleted user ids
+               (codec.encode_outbox_users; format 1 stores may still hold per-user
+               entries, >Q offset + user id -> user id + VectorRecord or a tombstone)
 
 A history is stored as a sealed part and a head (see :mod:`streamer.codec`): the consumer
 appends a user's new events to the head and rewrites the sealed part only when the head
@@ -278,6 +280,7 @@ def _check_format(db: _Db, path: Path) -> None:
 
 
 def _decode_outbox(key: bytes, value: bytes) -> OutboxEntry:
+    """A per-user outbox entry (written by store format 1)."""
     offset, user_id = codec.decode_outbox_key(key)
     value_user, record = codec.decode_outbox_value(value)
     if value_user != user_id:
@@ -503,12 +506,29 @@ class PartitionStore:
         return self._live().scan(VECTORS, lambda k, v: (codec.decode_user_id(k), codec.decode_vector_record(v)))
 
     def iter_outbox(self) -> Iterator[OutboxEntry]:
-        """Unacknowledged outbox entries, oldest batch first.
+        """Unacknowledged outbox entries, oldest batch first, one per user of each batch.
 
         At startup, publish these before consuming: they were committed but their
-        publication was not acknowledged.
+        publication was not acknowledged. A batch's entry names its users; each is
+        published with its state now, its stored vector (which a later batch may have
+        replaced: on the compacted output topic the last message per user is what counts,
+        and that is the same) or a tombstone when it has none (it was forgotten).
         """
-        return self._live().scan(OUTBOX, _decode_outbox)
+        self._live()  # a closed store raises here, not at the first entry
+        return self._iter_outbox()
+
+    def _iter_outbox(self) -> Iterator[OutboxEntry]:
+        for key, value in self._live().scan(OUTBOX, lambda k, v: (k, v)):
+            if value[:1] != bytes([codec.OUTBOX_USERS_FORMAT]):
+                yield _decode_outbox(key, value)
+                continue
+            if len(key) != 16:
+                raise StoreFormatError(f"outbox entry: a batch's key must be 16 bytes, got {len(key)}")
+            offset = int.from_bytes(key[:8], "big")
+            users = codec.decode_outbox_users(value)
+            current = self.get_vectors(users)
+            for user in users:
+                yield OutboxEntry(key, offset, user, current.get(user))
 
     # ------------------------------------------------------------------ writes
 
@@ -532,8 +552,8 @@ class PartitionStore:
         2. Stage into one ``WriteBatch``: every history (as the user's sealed part, its head
            deleted), every head, then every vector record.
         3. Stage each deleted user: delete its history (both parts) and its vector.
-        4. Stage outbox entries keyed ``(offset, user id)``: one per vector record and one
-           tombstone per deleted user.
+        4. Stage the batch's outbox entry: the users of its vector records and its deleted
+           users, keyed ``(offset, write sequence number)``.
         5. Stage meta: the applied offset, and the model version when given.
            An encoding error in steps 2-5 discards the batch; nothing was written.
         6. Write the batch in one call. RocksDB logs it as one WAL record, so after any crash
@@ -607,10 +627,11 @@ class PartitionStore:
             batch.delete(key, cf)
             batch.delete(HEAD_PREFIX + key, cf)
             batch.delete(key, h[VECTORS])
-        entries = [OutboxEntry(codec.encode_outbox_key(offset, u), offset, u, r) for u, r in vectors.items()]
-        entries += [OutboxEntry(codec.encode_outbox_key(offset, u), offset, u, None) for u in deletes]
-        for entry in entries:
-            batch.put(entry.key, codec.encode_outbox_value(entry.user_id, entry.record), h[OUTBOX])
+        key = codec.encode_outbox_users_key(offset, db.rdict.latest_sequence_number() + 1)
+        entries = [OutboxEntry(key, offset, u, r) for u, r in vectors.items()]
+        entries += [OutboxEntry(key, offset, u, None) for u in deletes]
+        if entries:
+            batch.put(key, codec.encode_outbox_users([e.user_id for e in entries]), h[OUTBOX])
         batch.put(_OFFSET_KEY, codec.encode_offset(offset), h[META])
         if model_version is not None:
             batch.put(_MODEL_KEY, codec.encode_text(model_version), h[META])
@@ -630,9 +651,8 @@ class PartitionStore:
         Commit order:
 
         1. Check the store is open and every record carries ``model_version``.
-        2. Stage every vector record, and an outbox entry per user keyed at the current
-           applied offset (so it sorts after that batch's entries and, for a user with an
-           unacknowledged entry at that offset, replaces it with the newer vector).
+        2. Stage every vector record, and one outbox entry naming the users, keyed at the
+           current applied offset (so it sorts after that batch's entry).
         3. Stage meta ``model_version``.
         4. Write the batch in one call: after any crash the partition is wholly on the old
            model or wholly on the new one.
@@ -645,12 +665,13 @@ class PartitionStore:
         offset = max(self._applied, 0)
         batch = WriteBatch(raw_mode=True)
         h = db.handle
+        key = codec.encode_outbox_users_key(offset, db.rdict.latest_sequence_number() + 1)
         entries = []
         for user_id, record in vectors.items():
             batch.put(codec.encode_user_id(user_id), codec.encode_vector_record(record), h[VECTORS])
-            entry = OutboxEntry(codec.encode_outbox_key(offset, user_id), offset, user_id, record)
-            batch.put(entry.key, codec.encode_outbox_value(user_id, record), h[OUTBOX])
-            entries.append(entry)
+            entries.append(OutboxEntry(key, offset, user_id, record))
+        if entries:
+            batch.put(key, codec.encode_outbox_users(list(vectors)), h[OUTBOX])
         batch.put(_MODEL_KEY, codec.encode_text(model_version), h[META])
         try:
             db.rdict.write(batch, self._write_opts)
@@ -663,8 +684,8 @@ class PartitionStore:
         """Delete published outbox entries in one small batch (never fsynced: losing an ack only republishes)."""
         db = self._live()
         batch = WriteBatch(raw_mode=True)
-        for key in keys:
-            batch.delete(bytes(key), db.handle[OUTBOX])
+        for key in dict.fromkeys(bytes(k) for k in keys):  # a batch's users share its key
+            batch.delete(key, db.handle[OUTBOX])
         if batch.len():
             try:
                 db.rdict.write(batch, WriteOptions())

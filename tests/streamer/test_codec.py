@@ -404,3 +404,27 @@ def test_vector_of_version_reads_the_factors_of_one_model_version():
         codec.vector_of_version(buf[:-1], "v000002")
     with pytest.raises(StoreFormatError, match="must be 0x21"):
         codec.vector_of_version(codec.encode_offset(3), "v000002")
+
+
+@given(st.lists(ids, max_size=8))
+def test_outbox_users_round_trip(users):
+    assert codec.decode_outbox_users(codec.encode_outbox_users(users)) == users
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**64 - 1)), min_size=2, max_size=20))
+def test_outbox_users_keys_sort_by_offset_then_sequence(pairs):
+    keys = [codec.encode_outbox_users_key(o, q) for o, q in pairs]
+    assert [(int.from_bytes(k[:8], "big"), int.from_bytes(k[8:], "big")) for k in sorted(keys)] == sorted(pairs)
+
+
+def test_outbox_users_refuse_damage():
+    buf = codec.encode_outbox_users(["a", "bé"])
+    for cut in range(len(buf)):
+        with pytest.raises(StoreFormatError):
+            codec.decode_outbox_users(buf[:cut])
+    with pytest.raises(StoreFormatError):
+        codec.decode_outbox_users(buf + b"x")
+    with pytest.raises(StoreFormatError, match="must be 0x52, got 0x51"):
+        codec.decode_outbox_users(codec.encode_outbox_value("u", None))
+    with pytest.raises(InvalidRecordError):
+        codec.encode_outbox_users_key(-1, 0)

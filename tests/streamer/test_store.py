@@ -126,7 +126,9 @@ def test_delete_writes_tombstones(make_store):
     assert store.get_histories(["u1", "u2"]).keys() == {"u2"}
     assert store.get_vectors(["u1", "u2"]).keys() == {"u2"}
     assert [(e.offset, e.user_id, e.record) for e in entries] == [(2, "u1", None), (2, "ghost", None)]
-    assert [(e.offset, e.user_id) for e in store.iter_outbox()] == [(1, "u1"), (1, "u2"), (2, "ghost"), (2, "u1")]
+    # Pending entries are published with each user's state now: u1 is gone since batch 1.
+    assert [(e.offset, e.user_id, e.record) for e in store.iter_outbox()] == [
+        (1, "u1", None), (1, "u2", record(2.0)), (2, "u1", None), (2, "ghost", None)]
     with pytest.raises(StateStoreError, match=r"both updated and deleted.*\['u2'\]"):
         store.commit_batch({"u2": history("c")}, {}, ["u2"], 3)
     assert store.applied_offset() == 2
@@ -488,8 +490,8 @@ def test_model_switch_rewrites_vectors_and_version_without_moving_the_offset(mak
     assert store.applied_offset() == 7 and store.model_version() == "v000002"
     assert {u: r.model_version for u, r in store.get_vectors(["u", "v"]).items()} == {
         "u": "v000002", "v": "v000002"}
-    # The switch's outbox entries replace the unacknowledged ones of the same users.
-    assert sorted(e.user_id for e in store.iter_outbox()) == ["u", "v"]
+    # Pending: the batch's users and the switch's, each with its vector now (the switch's).
+    assert [(e.offset, e.user_id) for e in store.iter_outbox()] == [(7, "u"), (7, "v")] * 2
     assert all(e.record.model_version == "v000002" for e in store.iter_outbox())
     assert [e.offset for e in entries] == [7, 7]
     with pytest.raises(StateStoreError, match="another version"):
@@ -502,3 +504,19 @@ def test_get_factors_reads_vectors_of_one_model_version(make_store):
     store.commit_batch({}, {"a": record(1.0), "b": other}, [], 1)
     got = store.get_factors(["a", "b", "nobody"], "v000001")
     assert got.keys() == {"a"} and np.array_equal(got["a"], record(1.0).vector)
+
+
+def test_outbox_entries_of_format_1_are_still_published(make_store, state_dir):
+    # Format 1 wrote an outbox entry per user, holding its vector record: still read.
+    make_store().close()
+    db = raw_db(state_dir / "interactions-0")
+    db.get_column_family("outbox")[codec.encode_outbox_key(3, "old")] = codec.encode_outbox_value("old", record(5.0))
+    db.get_column_family("outbox")[codec.encode_outbox_key(3, "gone")] = codec.encode_outbox_value("gone", None)
+    db.close()
+    store = make_store()
+    new = store.commit_batch({}, {"u": record(1.0)}, [], 4)
+    pending = list(store.iter_outbox())
+    assert [(e.offset, e.user_id, e.record) for e in pending] == [
+        (3, "gone", None), (3, "old", record(5.0)), (4, "u", record(1.0))]
+    store.ack_outbox(e.key for e in pending[:2])
+    assert list(store.iter_outbox()) == new
