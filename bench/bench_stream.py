@@ -697,8 +697,10 @@ def markdown(r: dict, quick: bool) -> str:
             f"last (at {n[-1]:,.0f} events). An exact fold-in needs the user's whole history: "
             f"each update reads it, appends, re-aggregates it, solves it (a long history's "
             f"normal equations are updated by what changed, `processing.gram_cache_bytes`; "
-            f"the k x k factorisation stays), and rewrites it to "
-            f"RocksDB (up to `history_cap` = {r['processing']['history_cap']:,} events), so "
+            f"the k x k factorisation stays), and writes it to RocksDB (usually only a head of "
+            f"its newest events after the stored sealed part, which is rewritten whole, up to "
+            f"`history_cap` = {r['processing']['history_cap']:,} events, when the head outgrows "
+            "max(16, sqrt(2 n)) events), so "
             "`apply` grows with history length while `poll`, `decode` and `send_vectors` stay "
             "per event. A user's events within one micro-batch share one solve and one write, "
             "which is why a backlog (full batches) drains faster than a live stream.",
@@ -719,8 +721,8 @@ def markdown(r: dict, quick: bool) -> str:
             f"Latency: at {lat['rate']:,.0f} events/s a turn holds {lat['records_per_batch']:,.0f} "
             f"records over {sc['partitions']} partitions, so nearly every event is its user's "
             f"only one in its batch ({lat['vectors_per_event']:.2f} vectors per event): each "
-            f"event re-aggregates, re-solves and rewrites its user's whole history, and the "
-            f"most active users, who send most events, have the longest. `apply` then costs {sl['apply']:.0f} us per "
+            f"event re-aggregates and re-solves its user's whole history (and writes its "
+            f"head), and the most active users, who send most events, have the longest. `apply` then costs {sl['apply']:.0f} us per "
             f"event (fold {sl['fold']:.0f}, write {sl['write']:.0f}) against {st['apply']:.0f} "
             f"while draining; with the broker and producer on the same 2 cores the consumer "
             f"runs near its capacity, and the queue, not one batch's work, makes the latency.",
