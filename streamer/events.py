@@ -17,6 +17,7 @@ consumer sends to the dead-letter topic, together with the original bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from datetime import datetime, timezone
@@ -95,6 +96,8 @@ class EventDecoder:
     def __init__(self, config: ProcessingConfig) -> None:
         self.config = config
         self._event_weights = dict(config.event_weights)
+        self._max_id = config.max_id_bytes
+        self._default_weight = float(config.default_weight)
 
     def decode(self, key: bytes | None, value: bytes | None, offset: int,
                broker_ts_ms: int | None = None) -> Decoded:
@@ -126,6 +129,25 @@ class EventDecoder:
         if not isinstance(doc, dict):
             return Rejected("not_an_object", f"value must be a JSON object, got "
                             f"{type(doc).__name__}", offset)
+        # The common shape, accepted in a few checks: ASCII ids, a float time, a number or
+        # no weight without an event name, an ASCII event id or none. Anything else (and
+        # every rejection) takes _from_object, which decides exactly as it always did.
+        user, item = doc.get("user"), doc.get("item")
+        if (type(user) is str and type(item) is str and user == key_text and user.isascii()
+                and item.isascii() and 0 < len(user) <= self._max_id and 0 < len(item) <= self._max_id
+                and "event" not in doc):
+            weight, ts, event_id = doc.get("weight"), doc.get("ts"), doc.get("event_id")
+            if weight is None:
+                weight = self._default_weight
+            elif type(weight) is float or (type(weight) is int and -(2**63) <= weight < 2**63):
+                weight = float(weight)
+            else:
+                weight = math.nan
+            if (type(ts) is float and math.isfinite(ts) and math.isfinite(weight) and weight >= 0
+                    and (event_id is None or (type(event_id) is str and event_id and event_id.isascii()))):
+                id_hash = 0 if event_id is None else (int.from_bytes(
+                    hashlib.blake2b(event_id.encode("ascii"), digest_size=8).digest(), "little") or 1)
+                return Interaction(user, item, weight, ts, id_hash, offset)
         return self._from_object(doc, key_text, offset, broker_ts_ms)
 
     def _from_object(self, doc: dict, key: str, offset: int, broker_ts_ms: int | None) -> Decoded:
@@ -160,7 +182,11 @@ class EventDecoder:
         elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
             return Rejected("wrong_type", f"field 'weight' must be a number, got "
                             f"{type(weight).__name__}", offset)
-        weight = float(weight)
+        try:
+            weight = float(weight)
+        except OverflowError:  # an integer beyond any float (the stdlib JSON parser reads it)
+            return Rejected("invalid_weight", f"weight must be a finite number >= 0, got an "
+                            f"integer of {weight.bit_length()} bits", offset)
         if not (math.isfinite(weight) and weight >= 0):
             return Rejected("invalid_weight", f"weight must be a finite number >= 0, got "
                             f"{weight!r}", offset)

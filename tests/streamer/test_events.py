@@ -1,8 +1,9 @@
 import json
 import math
 
+import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamer.config import ProcessingConfig
@@ -129,3 +130,62 @@ def test_common_shape_and_general_path_agree(decoder):
                                   "weight": 2}), 1)
     assert a == b == c == Interaction("u", "i", 2.0, 12.0, 0, 1)
     assert decoder.decode(b"u", enc({"user": "u", "item": "i", "ts": None}), 1, 3000).ts == 3.0
+
+
+def test_an_integer_weight_beyond_any_float_is_rejected_not_raised(decoder):
+    # orjson refuses integers beyond 64 bits; the stdlib parser then reads them exactly.
+    for extra in ("", ', "event": null'):
+        value = b'{"user": "u", "item": "i", "ts": 1.0, "weight": 1' + b"0" * 400 + extra.encode() + b"}"
+        out = decoder.decode(b"u", value, 4)
+        assert isinstance(out, Rejected) and out.reason == "invalid_weight" and out.offset == 4
+        assert "1329 bits" in out.detail
+
+
+ids_or_not = st.sampled_from(["u", "ü", "", "u" * 300, 3, None])
+documents = st.fixed_dictionaries(
+    # Mostly the common shape (ASCII ids, a float time), so the short path is taken often.
+    {"user": st.one_of(st.just("u"), ids_or_not), "item": st.one_of(st.just("i"), ids_or_not),
+     "ts": st.one_of(st.floats(-1e12, 1e12), json_scalars, st.just("2024-01-01T00:00:00Z"))},
+    optional={"weight": st.one_of(st.floats(-5, 5), json_scalars,
+                                  st.sampled_from([0.0, -0.0, 1e308, 2**63 - 1, 2**63, -(2**63) - 1])),
+              "event": st.one_of(st.none(), st.sampled_from(["view", "click", "nope"])),
+              "event_id": st.one_of(st.sampled_from(["e1", "é1", ""]), json_scalars)})
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=documents, key=st.sampled_from([b"u", b"u", "ü".encode(), b"k"]))
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "event_id": ""}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "event_id": "é1"}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "event_id": 3}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "event_id": None}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "event": "click"}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "event": None}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "event": "nope"}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "weight": True}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "weight": -1.0}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "weight": 2}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "weight": "2"}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 5.0, "weight": None}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": None}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": 7}, key=b"u")
+@example(doc={"user": "u", "item": "i", "ts": "2024-01-01T00:00:00Z"}, key=b"u")
+@example(doc={"user": "u", "item": "ü", "ts": 5.0}, key=b"u")
+@example(doc={"user": "u", "item": "", "ts": 5.0}, key=b"u")
+@example(doc={"user": "ü", "item": "i", "ts": 5.0}, key="ü".encode())
+@example(doc={"user": "u", "item": "i", "ts": 5.0}, key=b"k")
+@example(doc={"user": "u" * 300, "item": "i", "ts": 5.0}, key=b"u" * 300)
+def test_the_short_path_decides_as_the_general_one(doc, key):
+    """decode() accepts the common shape itself; _from_object (the general path) must agree
+    on every document, accepted or rejected (same Interaction, same reason)."""
+    decoder = EventDecoder(ProcessingConfig(event_weights={"view": 1.0, "click": 2.0}))
+    value = json.dumps(doc).encode()
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:  # Infinity: decode() rejects it before either path
+        return
+    got = decoder.decode(key, value, 7, 5000)
+    want = decoder._from_object(parsed, key.decode(), 7, 5000)
+    if isinstance(want, Rejected):
+        assert isinstance(got, Rejected) and got.reason == want.reason
+    else:
+        assert got == want
