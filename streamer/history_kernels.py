@@ -20,7 +20,8 @@ most of the cost. Here a batch's histories live in flat columns with an ``indptr
 
 NumPy references, which the tests hold these kernels to: :func:`streamer.codec.decode_history`
 (check, parse), :func:`streamer.codec.append_histories` (merge), :func:`streamer.codec.encode_history`
-(encode), :func:`streamer.codec.join_history` (parts), :func:`plan_history_writes_reference`. The history layout is documented in :mod:`streamer.codec`.
+(encode), :func:`streamer.codec.join_history` (parts), :func:`plan_history_writes_reference`
+(plan). The history layout is documented in :mod:`streamer.codec`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from streamer.codec import HISTORY_FORMAT, HISTORY_HEAD_FORMAT, decode_history, join_history
 
 _HEAD = 5  # format byte, uint32 event count
+_RECORD_HEAD = 5  # of a head record, before its history: format byte, uint32 evicted count
 _BYTES_PER_EVENT = 4 + 8 + 8 + 4  # weight, time, event hash, id length
 
 
@@ -263,7 +265,7 @@ def _encode(starts, ends, evicted, wb, tb, hb, lb, id_pos, id_len, id_buf, fmt, 
             out[at] = head_fmt
             for b in range(4):
                 out[at + 1 + b] = (evicted[u] >> (8 * b)) & 0xFF
-            at += _HEAD
+            at += _RECORD_HEAD
         out[at] = fmt
         for b in range(4):
             out[at + 1 + b] = (n >> (8 * b)) & 0xFF
@@ -298,7 +300,7 @@ def encode_histories(columns: HistoryColumns, starts: np.ndarray | None = None,
     id_bytes = np.zeros(columns.id_len.shape[0] + 1, np.int64)
     np.cumsum(columns.id_len, out=id_bytes[1:])
     sizes = (_HEAD + _BYTES_PER_EVENT * (ends - starts) + (id_bytes[ends] - id_bytes[starts])
-             + np.where(evicted >= 0, _HEAD, 0))
+             + np.where(evicted >= 0, _RECORD_HEAD, 0))
     byte_ptr = np.zeros(users + 1, np.int64)
     np.cumsum(sizes, out=byte_ptr[1:])
     out = np.empty(int(byte_ptr[-1]), np.uint8)
@@ -324,9 +326,15 @@ def encode_histories(columns: HistoryColumns, starts: np.ndarray | None = None,
 HEAD_MIN_EVENTS = 16
 
 
-def head_record_evicted(record: bytes) -> int:
-    """The ``evicted`` count of a head record (checked by :func:`check_history_parts`)."""
-    return int.from_bytes(record[1:5], "little")
+def count_events(history: bytes) -> int:
+    """Events in an encoded history (checked, or this process's own)."""
+    return int.from_bytes(history[1:_HEAD], "little")
+
+
+def split_head_record(record: bytes) -> tuple[int, bytes]:
+    """``(evicted, encoded history)`` of a head record (checked by
+    :func:`check_history_parts`, or this process's own :func:`encode_histories` output)."""
+    return int.from_bytes(record[1:_RECORD_HEAD], "little"), record[_RECORD_HEAD:]
 
 
 def check_history_parts(parts: Sequence[tuple[bytes | None, bytes | None]]) -> None:
@@ -340,12 +348,12 @@ def check_history_parts(parts: Sequence[tuple[bytes | None, bytes | None]]) -> N
         if head is None:
             if sealed is not None:
                 blobs.append(sealed)
-        elif sealed is None or len(head) < _HEAD or head[0] != HISTORY_HEAD_FORMAT:
+        elif sealed is None or len(head) < _RECORD_HEAD or head[0] != HISTORY_HEAD_FORMAT:
             join_history(sealed, head)  # raises
         else:
             pairs.append((sealed, head))
     for sealed, head in pairs:
-        blobs += [sealed, head[_HEAD:]]
+        blobs += [sealed, head[_RECORD_HEAD:]]
     check_histories(blobs)
     if not pairs:
         return
@@ -369,14 +377,14 @@ def _check_joins(buf, starts, ok):
         s, h = starts[2 * u], starts[2 * u + 1]
         n = _read_u32(buf, s + 1)
         evicted = _read_u32(buf, h + 1)
-        m = _read_u32(buf, h + _HEAD + 1)
+        m = _read_u32(buf, h + _RECORD_HEAD + 1)
         if evicted > n:
             continue
         if evicted < n and m > 0:
             at = s + _HEAD + 4 * n + 8 * (n - 1)
             t8[:] = buf[at:at + 8]
             last = tv[0]
-            at = h + 2 * _HEAD + 4 * m
+            at = h + _RECORD_HEAD + _HEAD + 4 * m
             t8[:] = buf[at:at + 8]
             if tv[0] < last:
                 continue

@@ -37,11 +37,12 @@ from streamer.history_kernels import (
     HEAD_MIN_EVENTS,
     HistoryColumns,
     check_history_parts,
+    count_events,
     encode_histories,
-    head_record_evicted,
     merge_new_events,
     parse_histories,
     plan_history_writes,
+    split_head_record,
     visible_events,
 )
 from streamer.model import LoadedModel
@@ -190,12 +191,9 @@ class PartitionProcessor:
                     entry = _NEW_USER
                 else:  # rows filled in below
                     sealed, head = found
-                    if head is None:
-                        entry = sealed, _EMPTY_BLOB, -1, bytes(4 * _count(sealed))
-                    else:
-                        evicted = head_record_evicted(head)
-                        head = head[5:]
-                        entry = sealed, head, evicted, bytes(4 * (_count(sealed) - evicted + _count(head)))
+                    evicted, head = (-1, _EMPTY_BLOB) if head is None else split_head_record(head)
+                    n = count_events(sealed) - max(evicted, 0) + count_events(head)
+                    entry = sealed, head, evicted, bytes(4 * n)
                     missed.append(u)
             parts += entry[:2]
             evicted_l.append(entry[2])
@@ -296,7 +294,8 @@ class PartitionProcessor:
                 head_evicted[changed_idx].tolist())):
             if head_only:
                 heads[user] = blob
-                entries[user] = (parts[2 * u], blob[5:], evicted, rows_mem[bounds[j]:bounds[j + 1]])
+                entries[user] = (parts[2 * u], split_head_record(blob)[1], evicted,
+                                 rows_mem[bounds[j]:bounds[j + 1]])
             else:
                 whole[user] = blob
                 entries[user] = (blob, _EMPTY_BLOB, -1, rows_mem[bounds[j]:bounds[j + 1]])
@@ -318,25 +317,22 @@ class PartitionProcessor:
         forget_at: list[int] = []  # per user: events before this position are forgotten
         seg, items, weights, times, hashes = [], [], [], [], []
         for event in decoded:
-            if isinstance(event, Interaction):
-                s = segment.get(event.user)
-                if s is None:
-                    s = segment[event.user] = len(users)
-                    users.append(event.user)
-                    forget_at.append(-1)
-                seg.append(s)
-                items.append(event.item)
-                weights.append(event.weight)
-                times.append(event.ts)
-                hashes.append(event.event_id_hash)
-            elif isinstance(event, Forget):
-                s = segment.get(event.user)
-                if s is None:
-                    s = segment[event.user] = len(users)
-                    users.append(event.user)
-                    forget_at.append(-1)
+            if type(event) is Rejected:
+                continue
+            s = segment.get(event.user)
+            if s is None:
+                s = segment[event.user] = len(users)
+                users.append(event.user)
+                forget_at.append(-1)
+            if type(event) is Forget:
                 forget_at[s] = len(seg)
                 outcome.forgotten += 1
+                continue
+            seg.append(s)
+            items.append(event.item)
+            weights.append(event.weight)
+            times.append(event.ts)
+            hashes.append(event.event_id_hash)
         return users, forget_at, seg, items, weights, times, hashes
 
     def _cache(self, store: PartitionStore, model: LoadedModel) -> "HistoryCache":
@@ -362,20 +358,15 @@ _EMPTY_BLOB = encode_history(UserHistory.empty())
 _NEW_USER = (_EMPTY_BLOB, _EMPTY_BLOB, -1, b"")
 
 
-def _count(history_blob: bytes) -> int:
-    """Events in an encoded history (its uint32 after the format byte)."""
-    return int.from_bytes(history_blob[1:5], "little")
-
-
 class HistoryCache:
     """Histories of recently updated users of ONE partition store, with their item indices.
 
     Holds the very bytes the store committed, the sealed part and the head (entries are
     installed only after the WriteBatch that holds them was written), and each history's
-    item rows in the model
-    (native int32 bytes), so a user found here needs neither a RocksDB read, nor a
-    validating decode, nor a lookup of every item of its history in the model. Bounded by ``max_events`` cached events; the
-    least recently updated users go first. Tied to one model: the indices are its rows.
+    item rows in the model (native int32 bytes), so a user found here needs neither a
+    RocksDB read, nor a validating decode, nor a lookup of every item of its history in the
+    model. Bounded by ``max_events`` cached events; the least recently updated users go
+    first. Tied to one model: the indices are its rows.
     """
 
     def __init__(self, model: LoadedModel, max_events: int) -> None:
