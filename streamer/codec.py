@@ -831,6 +831,13 @@ def encode_outbox_users_key(offset: int, sequence: int) -> bytes:
     return _OUTBOX_USERS_KEY.pack(offset, sequence)
 
 
+def decode_outbox_users_key(key: bytes) -> tuple[int, int]:
+    """``(offset, sequence)`` of a batch's outbox key."""
+    if len(key) != _OUTBOX_USERS_KEY.size:
+        raise StoreFormatError(f"outbox users key: must be {_OUTBOX_USERS_KEY.size} bytes, got {len(key)}")
+    return _OUTBOX_USERS_KEY.unpack(key)
+
+
 def encode_outbox_users(user_ids: Sequence[str]) -> bytes:
     """A batch's outbox entry: the users whose state (stored vector, or none: a tombstone)
     is to be published."""

@@ -85,6 +85,7 @@ COLUMN_FAMILIES = (VECTORS, HISTORIES, META, OUTBOX)
 STORE_FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 HEAD_PREFIX = b"\xff"
+_OUTBOX_USERS_BYTE = bytes([codec.OUTBOX_USERS_FORMAT])  # a batch's entry, not a format-1 user's
 _FORMAT_KEY = b"format_version"
 _OFFSET_KEY = b"applied_offset"
 _MODEL_KEY = b"model_version"
@@ -279,6 +280,15 @@ def _check_format(db: _Db, path: Path) -> None:
         raise StoreFormatError(f"{path}: store format version must be one of {READABLE_FORMATS}, got {found}")
 
 
+def _write_format(db: _Db) -> None:
+    """Record this version's store format, fsynced."""
+    batch = WriteBatch(raw_mode=True)
+    batch.put(_FORMAT_KEY, _FORMAT_VALUE.pack(STORE_FORMAT_VERSION), db.handle[META])
+    sync = WriteOptions()
+    sync.sync = True
+    db.rdict.write(batch, sync)
+
+
 def _decode_outbox(key: bytes, value: bytes) -> OutboxEntry:
     """A per-user outbox entry (written by store format 1)."""
     offset, user_id = codec.decode_outbox_key(key)
@@ -392,24 +402,17 @@ class PartitionStore:
 
     @staticmethod
     def _init_format(db: _Db, path: Path) -> None:
-        if _stored_format(db) is None:
+        found = _stored_format(db)
+        if found is None:
             populated = any(next(iter(db.cf[name].keys()), None) is not None for name in COLUMN_FAMILIES)
             if populated:
                 raise StoreFormatError(f"{path}: holds data but no store format version, expected {STORE_FORMAT_VERSION}")
-            batch = WriteBatch(raw_mode=True)
-            batch.put(_FORMAT_KEY, _FORMAT_VALUE.pack(STORE_FORMAT_VERSION), db.handle[META])
-            sync = WriteOptions()
-            sync.sync = True
-            db.rdict.write(batch, sync)
+            _write_format(db)
             log.info("created partition store %s (format %d)", path, STORE_FORMAT_VERSION)
+            return
         _check_format(db, path)
-        found = _stored_format(db)
         if found != STORE_FORMAT_VERSION:  # an older format this version reads: upgrade
-            batch = WriteBatch(raw_mode=True)
-            batch.put(_FORMAT_KEY, _FORMAT_VALUE.pack(STORE_FORMAT_VERSION), db.handle[META])
-            sync = WriteOptions()
-            sync.sync = True
-            db.rdict.write(batch, sync)
+            _write_format(db)
             log.info("upgraded partition store %s from format %d to %d", path, found, STORE_FORMAT_VERSION)
 
     def close(self) -> None:
@@ -519,12 +522,10 @@ class PartitionStore:
 
     def _iter_outbox(self) -> Iterator[OutboxEntry]:
         for key, value in self._live().scan(OUTBOX, lambda k, v: (k, v)):
-            if value[:1] != bytes([codec.OUTBOX_USERS_FORMAT]):
+            if value[:1] != _OUTBOX_USERS_BYTE:
                 yield _decode_outbox(key, value)
                 continue
-            if len(key) != 16:
-                raise StoreFormatError(f"outbox entry: a batch's key must be 16 bytes, got {len(key)}")
-            offset = int.from_bytes(key[:8], "big")
+            offset, _ = codec.decode_outbox_users_key(key)
             users = codec.decode_outbox_users(value)
             current = self.get_vectors(users)
             for user in users:

@@ -414,7 +414,7 @@ def test_outbox_users_round_trip(users):
 @given(st.lists(st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**64 - 1)), min_size=2, max_size=20))
 def test_outbox_users_keys_sort_by_offset_then_sequence(pairs):
     keys = [codec.encode_outbox_users_key(o, q) for o, q in pairs]
-    assert [(int.from_bytes(k[:8], "big"), int.from_bytes(k[8:], "big")) for k in sorted(keys)] == sorted(pairs)
+    assert [codec.decode_outbox_users_key(k) for k in sorted(keys)] == sorted(pairs)
 
 
 def test_outbox_users_refuse_damage():
@@ -428,3 +428,5 @@ def test_outbox_users_refuse_damage():
         codec.decode_outbox_users(codec.encode_outbox_value("u", None))
     with pytest.raises(InvalidRecordError):
         codec.encode_outbox_users_key(-1, 0)
+    with pytest.raises(StoreFormatError, match="must be 16 bytes, got 15"):
+        codec.decode_outbox_users_key(bytes(15))
