@@ -17,7 +17,6 @@ consumer sends to the dead-letter topic, together with the original bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from datetime import datetime, timezone
@@ -145,9 +144,7 @@ class EventDecoder:
                 weight = math.nan
             if (type(ts) is float and math.isfinite(ts) and math.isfinite(weight) and weight >= 0
                     and (event_id is None or (type(event_id) is str and event_id and event_id.isascii()))):
-                id_hash = 0 if event_id is None else (int.from_bytes(
-                    hashlib.blake2b(event_id.encode("ascii"), digest_size=8).digest(), "little") or 1)
-                return Interaction(user, item, weight, ts, id_hash, offset)
+                return Interaction(user, item, weight, ts, event_id_hash(event_id), offset)
         return self._from_object(doc, key_text, offset, broker_ts_ms)
 
     def _from_object(self, doc: dict, key: str, offset: int, broker_ts_ms: int | None) -> Decoded:

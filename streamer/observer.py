@@ -106,7 +106,6 @@ class ServiceObserver:
             if o.record_times_ms:
                 m.latency.observe_many(np.maximum(
                     0.0, (acked_at_ms - np.asarray(o.record_times_ms, dtype=np.float64)) / 1000.0))
-            if o.record_times_ms:
                 m.last_event_time.set(max(o.record_times_ms) / 1000.0)
             items.extend(o.applied_items)
             new_users += o.new_user_events
