@@ -104,12 +104,25 @@ def test_merge_matches_append_histories(data, cap, rnd):
     assert encode_histories(merged) == [codec.encode_history(x) for x in expected.histories]
 
 
-def _decodes(blob: bytes) -> bool:
+def _accepted(reference, *args) -> bool:
+    """Whether ``reference(*args)`` accepts (does not raise StoreFormatError)."""
     try:
-        codec.decode_history(blob)
+        reference(*args)
     except StoreFormatError:
         return False
     return True
+
+
+def assert_same_verdict(check, valid: list, bad, accepted: bool) -> None:
+    """``check`` accepts ``bad`` among valid inputs when the reference does, and else
+    raises wherever ``bad`` stands."""
+    if accepted:
+        check(valid + [bad])
+        return
+    with pytest.raises(StoreFormatError):
+        check(valid + [bad])
+    with pytest.raises(StoreFormatError):
+        check([bad] + valid)
 
 
 def _mutations(blob: bytes, rnd) -> list[bytes]:
@@ -141,13 +154,7 @@ def test_check_histories_accepts_exactly_what_decode_history_accepts(stored, rnd
     check_histories(blobs)  # valid: no error (ASCII or not)
     for blob in blobs:
         for bad in _mutations(blob, rnd):
-            if _decodes(bad):
-                check_histories(blobs + [bad])
-            else:
-                with pytest.raises(StoreFormatError):
-                    check_histories(blobs + [bad])
-                with pytest.raises(StoreFormatError):
-                    check_histories([bad] + blobs)
+            assert_same_verdict(check_histories, blobs, bad, _accepted(codec.decode_history, bad))
 
 
 # ------------------------------------------------------------- sealed part + head
@@ -246,14 +253,6 @@ def test_plan_writes_heads_for_appends_and_whole_histories_otherwise():
     assert plan(old[15:] + new)[0].tolist() == [-1]  # 2 + 15
 
 
-def _joins(sealed, head) -> bool:
-    try:
-        codec.join_history(sealed, head)
-    except StoreFormatError:
-        return False
-    return True
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(events, events), min_size=1, max_size=4), st.data(),
        st.randoms(use_true_random=False))
@@ -265,7 +264,7 @@ def test_check_history_parts_accepts_exactly_what_join_history_accepts(stored, d
         n = codec.decode_history(sealed).__len__()
         parts.append((sealed, codec.encode_history_head(draw.draw(st.integers(0, n + 1)), head)))
         parts.append((sealed, None))
-    good = [p for p in parts if _joins(*p)]
+    good = [p for p in parts if _accepted(codec.join_history, *p)]
     check_history_parts(good)  # valid: no error
     for sealed, head in parts:
         damaged = [(sealed, head), (None, head), (sealed, head[:4] if head else b"")]
@@ -274,12 +273,5 @@ def test_check_history_parts_accepts_exactly_what_join_history_accepts(stored, d
             damaged += [(sealed, head[:5] + bad) for bad in _mutations(head[5:], rnd)]
             damaged += [(bad, head) for bad in _mutations(sealed, rnd)]
         for pair in damaged:
-            if pair == (None, None):
-                continue
-            if _joins(*pair):
-                check_history_parts(good + [pair])
-            else:
-                with pytest.raises(StoreFormatError):
-                    check_history_parts(good + [pair])
-                with pytest.raises(StoreFormatError):
-                    check_history_parts([pair] + good)
+            if pair != (None, None):
+                assert_same_verdict(check_history_parts, good, pair, _accepted(codec.join_history, *pair))
