@@ -262,6 +262,19 @@ class StageTimer:
             delattr(target, method)
 
 
+def record_ages_ms(polled: dict) -> list[np.ndarray]:
+    """Per partition of a ``poll`` result: now minus each record's producer timestamp, ms."""
+    now_ms = time.time() * 1000.0
+    return [now_ms - np.fromiter((r.timestamp for r in records), np.float64, count=len(records))
+            for records in polled.values()]
+
+
+def age_percentiles(ages: list[np.ndarray]) -> tuple[float, float]:
+    """p50 and p99 of the ages collected (NaN when none)."""
+    values = np.concatenate(ages) if ages else np.array([np.nan])
+    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
+
+
 class FetchProbe:
     """Where an event waits before the consumer sees it, during the latency run.
 
@@ -280,10 +293,7 @@ class FetchProbe:
 
         def probed_poll(*args, **kwargs):
             polled = poll(*args, **kwargs)
-            now_ms = time.time() * 1000.0
-            for records in polled.values():
-                self.ages.append(now_ms - np.fromiter((r.timestamp for r in records), np.float64,
-                                                      count=len(records)))
+            self.ages += record_ages_ms(polled)
             return polled
         self._patched = [(consumer, "poll", consumer.__dict__.get("poll"))]
         consumer.poll = probed_poll
@@ -300,8 +310,8 @@ class FetchProbe:
             fetcher._handle_fetch_response = probed_handle
 
     def summary(self) -> dict:
-        ages = np.concatenate(self.ages) if self.ages else np.array([np.nan])
-        out = {"age_p50_ms": float(np.percentile(ages, 50)), "age_p99_ms": float(np.percentile(ages, 99))}
+        p50, p99 = age_percentiles(self.ages)
+        out = {"age_p50_ms": p50, "age_p99_ms": p99}
         if self.responses:
             r = np.array(self.responses, dtype=np.float64)
             with_records = r[r[:, 1] > 0]
@@ -444,16 +454,12 @@ def pipeline_floor(bootstrap: str, topic: str, partitions: int, events: Path, ra
     ages, started = [], time.monotonic()
     while proc.poll() is None and time.monotonic() - started < seconds + 60:
         polled = consumer.poll(timeout_ms=50)
-        if time.monotonic() - started < 2.0:  # the producer's start-up
-            continue
-        now_ms = time.time() * 1000.0
-        for records in polled.values():
-            ages.append(now_ms - np.fromiter((r.timestamp for r in records), np.float64, count=len(records)))
+        if time.monotonic() - started >= 2.0:  # past the producer's start-up
+            ages += record_ages_ms(polled)
     finish_producer(proc)
     consumer.close(autocommit=False)
-    values = np.concatenate(ages) if ages else np.array([np.nan])
-    return {"events": int(values.size), "p50_ms": float(np.percentile(values, 50)),
-            "p99_ms": float(np.percentile(values, 99))}
+    p50, p99 = age_percentiles(ages)
+    return {"events": sum(map(len, ages)), "p50_ms": p50, "p99_ms": p99}
 
 
 def crc_implementation() -> str:
@@ -591,13 +597,15 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
             ensure_topics(config.kafka)
             topic = config.kafka.input_topic
 
+            def floor(suffix: str) -> dict:
+                return pipeline_floor(broker.bootstrap, f"{topic}-{suffix}", sc.partitions, events,
+                                      sc.rate, min(sc.latency_seconds, 20.0), consumer_overrides,
+                                      QUICK_SESSION if quick else SESSION,
+                                      config.kafka.fetch_max_wait_ms)
+
             # The latency floor on the empty broker, for comparison with the one after the runs.
-            fresh_floor = None
             if sc.latency_seconds > 0:
-                fresh_floor = pipeline_floor(broker.bootstrap, f"{topic}-floor-empty", sc.partitions,
-                                             events, sc.rate, min(sc.latency_seconds, 20.0),
-                                             consumer_overrides, QUICK_SESSION if quick else SESSION,
-                                             config.kafka.fetch_max_wait_ms)
+                fresh_floor = floor("floor-empty")
                 say(f"latency floor on the empty broker (a consumer that only polls): record age "
                     f"at poll p50 {fresh_floor['p50_ms']:.1f} ms, p99 {fresh_floor['p99_ms']:.1f} ms")
 
@@ -645,24 +653,20 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                 say(f"latency: {lat['records_per_batch']:,.0f} records per batch, "
                     f"{lat['vectors_per_event']:.2f} vectors per event; wall us/event by stage: "
                     + _stages(lat))
-            offset += count
-
-            # The floor under that latency: the same load, a consumer that only polls.
-            if sc.latency_seconds > 0:
-                floor = pipeline_floor(broker.bootstrap, f"{topic}-floor", sc.partitions, events,
-                                       sc.rate, min(sc.latency_seconds, 20.0), consumer_overrides,
-                                       QUICK_SESSION if quick else SESSION,
-                                       config.kafka.fetch_max_wait_ms)
-                results["latency"]["floor"] = floor
-                results["latency"]["floor_empty_broker"] = fresh_floor
-                say(f"latency floor (same load, a consumer that only polls): record age at poll "
-                    f"p50 {floor['p50_ms']:.1f} ms, p99 {floor['p99_ms']:.1f} ms")
-                f = results["latency"]["fetch"]
+                f = lat["fetch"]
                 if f:
                     say(f"latency: record age at poll p50 {f['age_p50_ms']:.1f} ms, p99 "
                         f"{f['age_p99_ms']:.1f} ms; fetch responses carried records for "
                         f"{f.get('partitions_with_records', float('nan')):.2f} of "
                         f"{f.get('partitions_asked', float('nan')):.2f} partitions asked")
+            offset += count
+
+            # The floor under that latency: the same load, a consumer that only polls.
+            if sc.latency_seconds > 0:
+                after = results["latency"]["floor"] = floor("floor")
+                results["latency"]["floor_empty_broker"] = fresh_floor
+                say(f"latency floor (same load, a consumer that only polls): record age at poll "
+                    f"p50 {after['p50_ms']:.1f} ms, p99 {after['p99_ms']:.1f} ms")
 
             # 3. optional: a separate, profiled drain (numbers inflated; not the result).
             if profile:
@@ -866,7 +870,6 @@ def markdown(r: dict, quick: bool) -> str:
             f"uses {lat['cpu'].get('consumer', float('nan')):.2f} cores of the {os.cpu_count()} it shares with "
             f"the broker and the producer.",
         ]
-        f = lat.get("fetch") or {}
         if f and "floor" in lat:
             lines += [
                 "",
