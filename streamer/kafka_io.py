@@ -14,6 +14,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError, for_code
 
+from streamer import fast_fetch
 from streamer.errors import TopicMismatchError
 
 PRODUCER_DEFAULTS: Mapping[str, Any] = {
@@ -135,9 +136,13 @@ def make_consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> Kaf
     Not subscribed to anything: call ``subscribe`` or ``assign``. ``overrides`` are
     KafkaConsumer keyword arguments; session/heartbeat timeouts stay at kafka-python's
     defaults unless given (a Tansu group join takes about half the session timeout).
+    Fetched records are parsed by :mod:`streamer.fast_fetch` (kafka-python's parser for
+    what that leaves to it).
     """
-    return KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
-                         **{**CONSUMER_DEFAULTS, **overrides})
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
+                             **{**CONSUMER_DEFAULTS, **overrides})
+    fast_fetch.install(consumer)
+    return consumer
 
 
 def _check_existing(admin: KafkaAdminClient, specs: list[TopicSpec]) -> None:
