@@ -22,11 +22,13 @@ import math
 from datetime import datetime, timezone
 from typing import NamedTuple
 
+import numpy as np
 import orjson
 
 from streamer.codec import event_id_hash
 from streamer.config import ProcessingConfig
 from streamer.errors import InvalidRecordError
+from streamer.event_kernels import event_id_hashes, scan_interactions
 
 # Reasons a record is dead-lettered (the ``reason`` header, and a metric label).
 REASONS = (
@@ -66,6 +68,37 @@ class Rejected(NamedTuple):
 
 
 Decoded = Interaction | Forget | Rejected
+
+
+class InteractionColumns(NamedTuple):
+    """A batch whose every record is an interaction, as columns (what
+    :meth:`EventDecoder.decode_batch` returns for the common case): record ``r`` is
+    ``Interaction(keys[r].decode(), ids[item_pos[r]:item_pos[r] + item_len[r]].decode(),
+    weights[r], times[r], hashes[r], offsets[r])``; ids are ASCII."""
+
+    keys: list  # bytes: the user ids
+    ids: bytes  # holds the item ids
+    item_pos: np.ndarray  # int64
+    item_len: np.ndarray  # int64
+    weights: np.ndarray  # float64
+    times: np.ndarray  # float64
+    hashes: np.ndarray  # uint64
+    offsets: list  # int
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def items(self) -> list[str]:
+        """The item ids, as str."""
+        ids = self.ids
+        return [ids[p:p + n].decode("ascii")
+                for p, n in zip(self.item_pos.tolist(), self.item_len.tolist())]
+
+    def interactions(self) -> list[Interaction]:
+        """The records as :class:`Interaction` tuples."""
+        return list(map(Interaction, [k.decode("ascii") for k in self.keys], self.items(),
+                        self.weights.tolist(), self.times.tolist(), self.hashes.tolist(),
+                        self.offsets))
 
 
 def parse_timestamp(value: object) -> float:
@@ -146,6 +179,36 @@ class EventDecoder:
                     and (event_id is None or (type(event_id) is str and event_id and event_id.isascii()))):
                 return Interaction(user, item, weight, ts, event_id_hash(event_id), offset)
         return self._from_object(doc, key_text, offset, broker_ts_ms)
+
+    def decode_batch(self, keys: list, values: list, offsets: list[int],
+                     broker_ts_ms: list[int]) -> InteractionColumns | list[Decoded]:
+        """:meth:`decode` of every record of a batch, the same results: as
+        :class:`InteractionColumns` when every record is an interaction of the common shape
+        (:func:`streamer.event_kernels.scan_interactions`, one kernel call for the batch, no
+        JSON parse or object per record), else as a list, one result per record (records of
+        the common shape built from the kernel's columns, the others by :meth:`decode`).
+        """
+        status, ints, floats, joined = scan_interactions(keys, values, self._max_id,
+                                                         self._default_weight)
+        times, weights = floats[:, 0], floats[:, 1]
+        ok = status.astype(bool)
+        # Numbers the kernel left as text: JSON numbers, which float() reads exactly.
+        for col, at in ((times, 6), (weights, 8)):
+            rows = np.flatnonzero(ok & (ints[:, at + 1] > 0))
+            if len(rows):
+                col[rows] = [float(joined[p:p + n]) for p, n in ints[rows, at:at + 2].tolist()]
+        ok &= np.isfinite(times) & np.isfinite(weights) & (weights >= 0)
+        hashes = np.zeros(len(offsets), np.uint64)
+        with_id = np.flatnonzero(ok & (ints[:, 5] > 0))
+        hashes[with_id] = event_id_hashes(joined, ints[with_id, 4], ints[with_id, 5])
+        columns = InteractionColumns(keys, joined, ints[:, 2], ints[:, 3], weights, times, hashes,
+                                     offsets)
+        if ok.all():
+            return columns
+        decode = self.decode
+        return [Interaction(keys[r].decode("ascii"), *row) if good else
+                decode(keys[r], values[r], offsets[r], broker_ts_ms[r])
+                for r, (good, row) in enumerate(zip(ok.tolist(), _rows(columns)))]
 
     def _from_object(self, doc: dict, key: str, offset: int, broker_ts_ms: int | None) -> Decoded:
         user, item = doc.get("user"), doc.get("item")
@@ -228,6 +291,16 @@ class EventDecoder:
         except UnicodeEncodeError:
             return f"{name} is not valid Unicode text"
         return None
+
+
+def _rows(columns: InteractionColumns):
+    """(item, weight, ts, event id hash, offset) of each record; the item only where it is
+    a valid span (rows the kernel declined are never used)."""
+    ids = columns.ids
+    for p, n, w, t, h, o in zip(columns.item_pos.tolist(), columns.item_len.tolist(),
+                                columns.weights.tolist(), columns.times.tolist(),
+                                columns.hashes.tolist(), columns.offsets):
+        yield ids[p:p + n].decode("ascii", "replace"), w, t, h, o
 
 
 def _reject_constant(name: str) -> float:

@@ -5,7 +5,9 @@ dead-letter and what to publish. Follow one event through :meth:`PartitionProces
 and :meth:`PartitionProcessor.apply`:
 
 1. skip records at or below the partition's applied offset (already in the store);
-2. decode (:class:`streamer.events.EventDecoder`): interaction, forget, or rejection;
+2. decode (:class:`streamer.events.EventDecoder`): interaction, forget, or rejection; a
+   batch of nothing but interactions of the common shape stays in columns
+   (:class:`streamer.events.InteractionColumns`, one kernel call for the batch);
 3. group interactions by user, in offset order; a forget resets the user's history;
 4. load the touched users' histories (from :class:`HistoryCache`, the recently updated
    users kept in memory, else from the store) as columns and append the new events to all
@@ -32,7 +34,7 @@ from factors.gram_cache import GramCache
 from factors.rows import row_entries
 from streamer.codec import OutboxEntry, UserHistory, VectorRecord, encode_history
 from streamer.config import ProcessingConfig
-from streamer.events import EventDecoder, Forget, Interaction, Rejected
+from streamer.events import EventDecoder, Forget, Interaction, InteractionColumns, Rejected
 from streamer.history_kernels import (
     HEAD_MIN_EVENTS,
     HistoryColumns,
@@ -120,25 +122,21 @@ class PartitionProcessor:
         """
         outcome = BatchOutcome()
         applied = store.applied_offset()
-        decoded = []
-        times = outcome.record_times_ms
-        decode = self.decoder.decode
-        now_ms = int(time.time() * 1000)
-        for record in records:
-            if record.offset <= applied:
-                outcome.skipped_replayed += 1
-                continue
-            broker_ms = record.timestamp
-            if broker_ms is None or broker_ms < 0:
-                broker_ms = now_ms
-            times.append(broker_ms)
-            event = decode(record.key, record.value, record.offset, broker_ms)
-            if type(event) is Rejected:
-                outcome.rejected.append((record, event))
-            decoded.append(event)
+        fresh = [record for record in records if record.offset > applied]
+        outcome.skipped_replayed = len(records) - len(fresh)
         outcome.consumed = len(records)
-        if decoded:
-            outcome.last_offset = decoded[-1].offset
+        if not fresh:
+            return [], outcome
+        now_ms = int(time.time() * 1000)
+        times = outcome.record_times_ms
+        times += [now_ms if t is None or t < 0 else t for t in (record.timestamp for record in fresh)]
+        offsets = [record.offset for record in fresh]
+        decoded = self.decoder.decode_batch([record.key for record in fresh],
+                                            [record.value for record in fresh], offsets, times)
+        if type(decoded) is not InteractionColumns:
+            outcome.rejected = [(record, event) for record, event in zip(fresh, decoded)
+                                if type(event) is Rejected]
+        outcome.last_offset = offsets[-1]
         return decoded, outcome
 
     def apply(self, store: PartitionStore, decoded: list, outcome: BatchOutcome,
@@ -148,27 +146,33 @@ class PartitionProcessor:
             return outcome
         # Step 3: the batch's interactions in columns, each tagged with its user's index
         # (its "segment"); a forget drops the user's earlier events and stored history.
-        interactions = [e for e in decoded if type(e) is Interaction]
-        if len(interactions) == len(decoded):  # the common case: columns by transposition
-            segment: dict[str, int] = {}
-            user_col, items, weights, times, hashes, _ = (
-                map(list, zip(*interactions)) if interactions else ([], [], [], [], [], []))
-            seg = [segment.setdefault(u, len(segment)) for u in user_col]
-            users = list(segment)
+        # Item ids: ``new_len[e]`` bytes at ``new_pos[e]`` of ``tail``.
+        if type(decoded) is InteractionColumns:  # the common case: columns from the decoder
+            segment: dict = {}
+            seg = [segment.setdefault(key, len(segment)) for key in decoded.keys]
+            users = [key.decode("ascii") for key in segment]
             forget_at = [-1] * len(users)
+            weights, times, hashes = decoded.weights, decoded.times, decoded.hashes
+            tail, new_pos, new_len = decoded.ids, decoded.item_pos.copy(), decoded.item_len
+            items = None  # as str only for drift monitoring, at the end
         else:
             users, forget_at, seg, items, weights, times, hashes = self._columns(decoded, outcome)
+            new_ids = [item.encode("utf-8") for item in items]
+            new_len = np.fromiter(map(len, new_ids), dtype=np.int64, count=len(new_ids))
+            new_pos = np.zeros(len(new_ids), np.int64)
+            np.cumsum(new_len[:-1], out=new_pos[1:])
+            tail = b"".join(new_ids)
+            weights = np.array(weights, dtype=np.float64)
+            times = np.array(times, dtype=np.float64)
+            hashes = np.array(hashes, dtype=np.uint64)
         seg_a = np.array(seg, dtype=np.int64)
         reset = np.array(forget_at, dtype=np.int64) >= 0
-        if reset.any():
+        if reset.any():  # (only decoded lists hold forgets)
             live = np.arange(len(seg)) >= np.array(forget_at, dtype=np.int64)[seg_a]
             if not live.all():
-                keep = np.flatnonzero(live).tolist()
-                seg_a = seg_a[live]
-                items = [items[j] for j in keep]
-                weights = [weights[j] for j in keep]
-                times = [times[j] for j in keep]
-                hashes = [hashes[j] for j in keep]
+                seg_a, weights, times, hashes = seg_a[live], weights[live], times[live], hashes[live]
+                new_pos, new_len = new_pos[live], new_len[live]
+                items = [items[j] for j in np.flatnonzero(live).tolist()]
 
         # Step 4: base histories from the cache or the store, as columns: two parts per
         # user, its sealed part and its head (the cache holds the bytes the store holds);
@@ -203,11 +207,6 @@ class PartitionProcessor:
         counts = np.bincount(seg_a, minlength=n_users)
         new_ptr = np.zeros(n_users + 1, np.int64)
         np.cumsum(counts, out=new_ptr[1:])
-        new_ids = [item.encode("utf-8") for item in items]
-        new_len = np.fromiter(map(len, new_ids), dtype=np.int64, count=len(new_ids))
-        new_pos = np.zeros(len(new_ids), np.int64)
-        np.cumsum(new_len[:-1], out=new_pos[1:])
-        tail = b"".join(new_ids)
         old = parse_histories(parts, tail)
         new_pos += old.id_buf.shape[0] - len(tail)
         stored_head = np.array(evicted_l, dtype=np.int64) >= 0  # -1: no head record stored
@@ -218,13 +217,13 @@ class PartitionProcessor:
             old = old._replace(ptr=old_ptr)
         else:
             old = HistoryColumns(old_ptr, *(c[visible] for c in old[1:6]), old.id_buf)
-        new_t = np.array(times, dtype=np.float64)[by_user]
-        new_h = np.array(hashes, dtype=np.uint64)[by_user]
+        new_t = times[by_user]
+        new_h = hashes[by_user]
         ptr, source, added, duplicates, evicted = merge_new_events(
             old.ptr, old.times, old.hashes, new_ptr, new_t, new_h, self.config.history_cap)
         outcome.duplicates = int(duplicates.sum())
         outcome.evicted = int(evicted.sum())
-        outcome.applied = len(items) - outcome.duplicates
+        outcome.applied = len(seg_a) - outcome.duplicates
         fresh = ~reset & (old.counts == 0)
         deleted = reset & (counts == 0)
         changed = ((added > 0) | reset | (evicted > 0)) & ~deleted
@@ -244,7 +243,7 @@ class PartitionProcessor:
         changed_users = [users[u] for u in changed_idx.tolist()]
         merged = HistoryColumns(
             ptr,
-            np.concatenate([old.weights, np.array(weights, dtype=np.float32)[by_user]])[source],
+            np.concatenate([old.weights, weights.astype(np.float32)[by_user]])[source],
             np.concatenate([old.times, new_t])[source],
             np.concatenate([old.hashes, new_h])[source],
             np.concatenate([old.id_pos, new_pos[by_user]])[source],
@@ -258,7 +257,7 @@ class PartitionProcessor:
             events = row_entries(old.ptr, missed)
             all_rows[events] = table.rows(old.id_buf, old.id_pos[events], old.id_len[events])
         rows = all_rows[source]
-        outcome.applied_items = items
+        outcome.applied_items = decoded.items() if items is None else items
         outcome.new_users = int(np.count_nonzero(fresh & (counts > 0)))
         outcome.new_user_events = int(counts[fresh].sum()) if n_users else 0
         # A sample is enough for the cosine-shift histogram; reading every updated user's
