@@ -182,13 +182,14 @@ class PartitionProcessor:
         # columns are parsed.
         cache = self._cache(store, model)
         reset_l = reset.tolist()
-        stored = store.get_raw_histories([u for u, r in zip(users, reset_l)
-                                          if not r and u not in cache])
+        cached = cache.lookup(users)
+        stored = store.get_raw_histories([u for u, r, c in zip(users, reset_l, cached)
+                                          if not r and c is None])
         check_history_parts(list(stored.values()))
         parts, base_rows, missed, evicted_l = [], [], [], []
-        get = cache.get
-        for u, (user, r) in enumerate(zip(users, reset_l)):
-            entry = None if r else get(user)
+        for u, (user, r, entry) in enumerate(zip(users, reset_l, cached)):
+            if r:
+                entry = None
             if entry is None:
                 found = None if r else stored.get(user)
                 if found is None:
@@ -393,24 +394,23 @@ class HistoryCache:
         the user is not cached."""
         return self._entries.get(user)
 
+    def lookup(self, users: Sequence[str]) -> list:
+        """:meth:`get` of each of ``users``."""
+        return list(map(self._entries.get, users))
+
     def committed(self, written: dict[str, tuple[bytes, bytes, int, bytes]],
                   deletes: list[str]) -> None:
         """Install what a batch wrote, ``user -> entry`` as :meth:`get` returns it (call
         only after its WriteBatch was written)."""
         entries = self._entries
-        for user in deletes:
-            self._drop(user)
-        added = 0
-        for user, entry in written.items():
-            self._drop(user)  # re-inserted last: the order is update order
-            entries[user] = entry
-            added += len(entry[3])
-        self._events += added // 4 + ENTRY_OVERHEAD_EVENTS * len(written)
+        pop = entries.pop
+        # Dropped, then (re-)inserted last: the order is update order.
+        old = [pop(user, None) for user in deletes] + [pop(user, None) for user in written]
+        old = [entry for entry in old if entry is not None]
+        entries.update(written)
+        self._events += (sum(len(entry[3]) for entry in written.values())
+                         - sum(len(entry[3]) for entry in old)) // 4 \
+            + ENTRY_OVERHEAD_EVENTS * (len(written) - len(old))
         while self._events > self.max_events and entries:
             _, (_, _, _, user_rows) = entries.popitem(last=False)
             self._events -= len(user_rows) // 4 + ENTRY_OVERHEAD_EVENTS
-
-    def _drop(self, user: str) -> None:
-        old = self._entries.pop(user, None)
-        if old is not None:
-            self._events -= len(old[3]) // 4 + ENTRY_OVERHEAD_EVENTS

@@ -42,6 +42,8 @@ import re
 import struct
 import time
 import weakref
+from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Mapping, TypeVar
 
@@ -300,6 +302,19 @@ def _decode_outbox(key: bytes, value: bytes) -> OutboxEntry:
 
 def _cf_property(db: _Db, name: str) -> dict[str, int]:
     return {cf: int(db.cf[cf].property_int_value(name) or 0) for cf in COLUMN_FAMILIES}
+
+
+def _user_keys(users: Iterable[str]) -> list[bytes]:
+    """:func:`codec.encode_user_id` of each of ``users`` (one ``str.encode`` each when all
+    are valid, which is the same bytes)."""
+    try:
+        return [user.encode("utf-8") for user in users]
+    except (AttributeError, UnicodeEncodeError):
+        return [codec.encode_user_id(user) for user in users]  # raises its clear error
+
+
+# An OutboxEntry from a tuple of its fields, in C (one per published vector).
+_new_outbox_entry = partial(tuple.__new__, OutboxEntry)
 
 
 class PartitionStore:
@@ -612,24 +627,23 @@ class PartitionStore:
         if headless is None:
             found = self.get_raw_histories(histories)
             headless = {u for u in histories if found.get(u, (None, None))[1] is None}
-        for user_id, history in histories.items():
+        for (user_id, history), key in zip(histories.items(), _user_keys(histories)):
             if not isinstance(history, bytes):  # else already encode_history()'s bytes
                 history = codec.encode_history(history)
-            key = codec.encode_user_id(user_id)
             batch.put(key, history, cf)
             if user_id not in headless:
                 batch.delete(HEAD_PREFIX + key, cf)
-        for user_id, head in heads.items():
-            batch.put(HEAD_PREFIX + codec.encode_user_id(user_id), head, cf)
-        for user_id, record in vectors.items():
-            batch.put(codec.encode_user_id(user_id), codec.encode_vector_record(record), h[VECTORS])
-        for user_id in deletes:
-            key = codec.encode_user_id(user_id)
+        for key, head in zip(_user_keys(heads), heads.values()):
+            batch.put(HEAD_PREFIX + key, head, cf)
+        vectors_cf, encode_record = h[VECTORS], codec.encode_vector_record
+        for key, record in zip(_user_keys(vectors), vectors.values()):
+            batch.put(key, encode_record(record), vectors_cf)
+        for key in _user_keys(deletes):
             batch.delete(key, cf)
             batch.delete(HEAD_PREFIX + key, cf)
-            batch.delete(key, h[VECTORS])
+            batch.delete(key, vectors_cf)
         key = codec.encode_outbox_users_key(offset, db.rdict.latest_sequence_number() + 1)
-        entries = [OutboxEntry(key, offset, u, r) for u, r in vectors.items()]
+        entries = list(map(_new_outbox_entry, zip(repeat(key), repeat(offset), vectors, vectors.values())))
         entries += [OutboxEntry(key, offset, u, None) for u in deletes]
         if entries:
             batch.put(key, codec.encode_outbox_users([e.user_id for e in entries]), h[OUTBOX])
