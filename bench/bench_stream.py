@@ -644,7 +644,11 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
             if sc.latency_seconds > 0:
                 proc = start_producer(broker.bootstrap, topic, events, offset, count, sc.rate)
                 meter = CpuMeter(consumer=os.getpid(), broker=broker.pid, producer=proc.pid)
+                grams_before = service.processor.gram_cache_counts()
                 lat = _latency(service, proc, count, sc, meter, say)
+                hits, misses, entries, slots = service.processor.gram_cache_counts()
+                lat["gram_cache"] = {"hits": hits - grams_before[0], "misses": misses - grams_before[1],
+                                     "entries": entries, "slots": slots}
                 results["latency"] = lat
                 say(f"latency at {sc.rate:,.0f} events/s offered: p50 {lat['p50_ms']:.1f} ms, "
                     f"p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max "
@@ -653,6 +657,8 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                 say(f"latency: {lat['records_per_batch']:,.0f} records per batch, "
                     f"{lat['vectors_per_event']:.2f} vectors per event; wall us/event by stage: "
                     + _stages(lat))
+                g = lat["gram_cache"]
+                say(f"latency: normal-equation cache {_gram_line(g)}")
                 f = lat["fetch"]
                 if f:
                     say(f"latency: record age at poll p50 {f['age_p50_ms']:.1f} ms, p99 "
@@ -702,6 +708,12 @@ def _warm(service) -> None:
 
     item = next(iter(service.model.item_index))
     service.model.fold([UserHistory.empty().append([item], [1.0], [0.0], max_events=1).history])
+
+
+def _gram_line(g: dict) -> str:
+    solves = g["hits"] + g["misses"]
+    rate = f"{100.0 * g['hits'] / solves:.1f}% of {solves:,} long-history solves served" if solves else "unused"
+    return f"{rate}; {g['entries']:,} of {g['slots']:,} slots filled"
 
 
 def _throughput_verdict(t: dict, target: float = 50_000.0, seconds: float = 60.0) -> str:
@@ -830,6 +842,9 @@ def markdown(r: dict, quick: bool) -> str:
                          f"{lat['floor']['p99_ms']:.1f} ms (on the empty broker before the runs: "
                          f"{lat['floor_empty_broker']['p50_ms']:.1f} / "
                          f"{lat['floor_empty_broker']['p99_ms']:.1f} ms) | |")
+    if "gram_cache" in lat:
+        lines.insert(-2, f"| at {lat['rate']:,.0f}/s: cached normal equations "
+                         f"(`processing.gram_cache_bytes`) | {_gram_line(lat['gram_cache'])} | |")
     if "partitions_with_records" in f:
         lines.insert(-2, f"| at {lat['rate']:,.0f}/s: Fetch responses | {f['fetch_responses']:,}; "
                          f"records for {f['partitions_with_records']:.2f} of the "

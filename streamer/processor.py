@@ -349,6 +349,14 @@ class PartitionProcessor:
             self._grams = (model, model.gram_cache(self.config.gram_cache_bytes))
         return self._grams[1]
 
+    def gram_cache_counts(self) -> tuple[int, int, int, int]:
+        """(hits, misses, entries, capacity) of the current model's normal-equation cache
+        (all zero before the first fold or without one)."""
+        grams = self._grams[1]
+        if grams is None:
+            return 0, 0, 0, 0
+        return grams.hits, grams.misses, len(grams), grams.capacity
+
     def forget(self, store: PartitionStore) -> None:
         """Drop what is cached for ``store`` (call when the store is closed)."""
         self._caches.pop(store, None)
