@@ -41,7 +41,9 @@ _LBRACE, _RBRACE = 0x7B, 0x7D
 
 _POW10 = np.array([10.0 ** i for i in range(23)])
 
-# Field names, as the kernel compares them.
+# Field names, as the kernel compares them, and their numbers (_OTHER: any other name).
+# Columns of ``ints`` (position, length): user 0-1, item 2-3, event id 4-5, the time's
+# text 6-7, the weight's text 8-9.
 _NAMES = [b"user", b"item", b"ts", b"weight", b"event_id", b"event"]
 _USER, _ITEM, _TS, _WEIGHT, _EVENT_ID, _EVENT, _OTHER = range(7)
 
@@ -159,7 +161,7 @@ def _field(buf, p, q, names, name_ptr):
                     break
             if same:
                 return f
-    return 6  # _OTHER
+    return _OTHER
 
 
 @nb.njit(cache=True, nogil=True)
@@ -186,8 +188,8 @@ def _scan_one(buf, p, end, keys, kp, kl, max_id, default_weight, names, name_ptr
         if q < 0:
             return False
         f = _field(buf, p + 1, q, names, name_ptr)
-        if f < 6:
-            if (seen >> f) & 1 or f == 5:  # a repeated field, or "event"
+        if f != _OTHER:
+            if (seen >> f) & 1 or f == _EVENT:  # a repeated field, or an event name
                 return False
             seen |= 1 << f
         p = _skip_ws(buf, q + 1, end)
@@ -202,17 +204,17 @@ def _scan_one(buf, p, end, keys, kp, kl, max_id, default_weight, names, name_ptr
             if q < 0:
                 return False
             n = q - p - 1
-            if f == 0 or f == 1:
+            if f == _USER or f == _ITEM:
                 if n < 1 or n > max_id:
                     return False
                 out_i[2 * f] = p + 1
                 out_i[2 * f + 1] = n
-            elif f == 4:
+            elif f == _EVENT_ID:
                 if n < 1:
                     return False
                 out_i[4] = p + 1
                 out_i[5] = n
-            elif f == 2 or f == 3:
+            elif f == _TS or f == _WEIGHT:
                 return False  # a string time (ISO-8601) or weight: the decoder's
             p = q + 1
         elif c == 0x2D or (0x30 <= c <= 0x39):
@@ -220,23 +222,23 @@ def _scan_one(buf, p, end, keys, kp, kl, max_id, default_weight, names, name_ptr
             p, value, exact = _number(buf, p, end, pow10)
             if p < 0:
                 return False
-            if f == 2 or f == 3:
+            if f == _TS or f == _WEIGHT:
                 if exact:
-                    if f == 3 and not value >= 0.0:
+                    if f == _WEIGHT and not value >= 0.0:
                         return False
-                    out_f[f - 2] = value
+                    out_f[f - _TS] = value
                 else:  # the caller converts the text
                     out_i[2 * f + 2] = start
                     out_i[2 * f + 3] = p - start
-            elif f != 6:
+            elif f != _OTHER:
                 return False  # user, item or event_id not a string
-        elif f == 6 and c == 0x74 and p + 4 <= end and buf[p + 1] == 0x72 and buf[p + 2] == 0x75 \
+        elif f == _OTHER and c == 0x74 and p + 4 <= end and buf[p + 1] == 0x72 and buf[p + 2] == 0x75 \
                 and buf[p + 3] == 0x65:  # true
             p += 4
-        elif f == 6 and c == 0x66 and p + 5 <= end and buf[p + 1] == 0x61 and buf[p + 2] == 0x6C \
+        elif f == _OTHER and c == 0x66 and p + 5 <= end and buf[p + 1] == 0x61 and buf[p + 2] == 0x6C \
                 and buf[p + 3] == 0x73 and buf[p + 4] == 0x65:  # false
             p += 5
-        elif f == 6 and c == 0x6E and p + 4 <= end and buf[p + 1] == 0x75 and buf[p + 2] == 0x6C \
+        elif f == _OTHER and c == 0x6E and p + 4 <= end and buf[p + 1] == 0x75 and buf[p + 2] == 0x6C \
                 and buf[p + 3] == 0x6C:  # null
             p += 4
         else:
@@ -251,7 +253,8 @@ def _scan_one(buf, p, end, keys, kp, kl, max_id, default_weight, names, name_ptr
             return False
         p = _skip_ws(buf, p + 1, end)
         break
-    if p != end or seen & 7 != 7:  # user, item and ts
+    required = (1 << _USER) | (1 << _ITEM) | (1 << _TS)
+    if p != end or seen & required != required:
         return False
     # The user must be the key.
     if out_i[1] != kl:

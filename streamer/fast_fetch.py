@@ -5,7 +5,8 @@ which parses the records lazily, one at a time, as ``poll`` takes them. The fetc
 it through the attribute ``self.PartitionRecords``, so :func:`install` sets that attribute
 on one consumer's fetcher to :class:`FastPartitionRecords`: a subclass that parses the
 whole partition at once in a numba kernel when it can, and otherwise (compressed or legacy
-batches, control batches, deserializers configured, anything malformed or a CRC mismatch)
+batches, control batches, deserializers configured, ``read_committed`` isolation, anything
+malformed or a CRC mismatch)
 leaves everything to kafka-python's own code, unchanged, so errors surface exactly as
 before. The records returned are kafka-python's ``ConsumerRecord`` tuples with the same
 fields in either case.
@@ -23,9 +24,10 @@ from itertools import repeat
 
 import kafka
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
+from kafka.protocol.consumer import IsolationLevel
 from kafka.record.util import calc_crc32c
 
-from streamer.record_batches import OK, scan_record_batches
+from streamer.record_batches import CRC_FROM, OK, scan_record_batches
 
 __all__ = ["CHECKED_VERSIONS", "FastPartitionRecords", "install", "parse_partition"]
 
@@ -42,8 +44,8 @@ def parse_partition(topic: str, partition: int, buf, fetch_offset: int, check_cr
 
     Returns ``(records, next_offset, leader_epoch, bytes_read)``.
     """
-    if isinstance(buf, memoryview):
-        buf = buf.tobytes()
+    if type(buf) is not bytes:  # slices of it become the records' keys and values
+        buf = bytes(buf)
     parsed = scan_record_batches(buf)
     if parsed.status != OK or not len(parsed.batch_start):
         return None
@@ -51,7 +53,7 @@ def parse_partition(topic: str, partition: int, buf, fetch_offset: int, check_cr
         view = memoryview(buf)
         for start, end, crc in zip(parsed.batch_start.tolist(), parsed.batch_end.tolist(),
                                    parsed.batch_crc.tolist()):
-            if calc_crc32c(view[start + 21:end]) != crc:
+            if calc_crc32c(view[start + CRC_FROM:end]) != crc:
                 return None  # kafka-python raises CorruptRecordError for it
     first = int(parsed.offset.searchsorted(fetch_offset))  # offsets ascend within a partition
     offsets = parsed.offset[first:].tolist()
@@ -128,7 +130,9 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
         super().__init__(fetch_offset, tp, records, key_deserializer, value_deserializer,
                          check_crcs, *args, **kwargs)
         self._parsed = None
-        if key_deserializer is None and value_deserializer is None:
+        # read_committed filters aborted transactions batch by batch: kafka-python's.
+        if (key_deserializer is None and value_deserializer is None
+                and self.isolation_level == IsolationLevel.READ_UNCOMMITTED):
             try:
                 self._parsed = parse_partition(tp.topic, tp.partition, records._buffer,
                                                fetch_offset, check_crcs)

@@ -36,9 +36,10 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-__all__ = ["FALLBACK", "BATCH_HEADER_BYTES", "ParsedBatches", "scan_record_batches"]
+__all__ = ["FALLBACK", "BATCH_HEADER_BYTES", "CRC_FROM", "ParsedBatches", "scan_record_batches"]
 
 BATCH_HEADER_BYTES = 61
+CRC_FROM = 21  # a batch's CRC-32C covers its bytes from here (the attributes) to its end
 _LOG_OVERHEAD = 12  # base offset, length
 _CODEC_MASK = 0x07
 _TIMESTAMP_TYPE_MASK = 0x08

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
+from kafka.protocol.consumer import IsolationLevel
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.memory_records import MemoryRecords
 from kafka.record.util import calc_crc32c
@@ -117,6 +118,16 @@ def test_batches_left_to_kafka_python(kind):
     part = FastPartitionRecords(5, TP, MemoryRecords(buf))
     assert part._parsed is None
     assert_same(buf, 5)
+
+
+def test_read_committed_and_deserializers_are_left_to_kafka_python():
+    rows = [{"key": b"u", "value": b"v", "ts_delta": 0, "headers": [], "gap": 0}] * 2
+    buf = buffer_of([rows])
+    assert FastPartitionRecords(0, TP, MemoryRecords(buf))._parsed is not None
+    committed = FastPartitionRecords(0, TP, MemoryRecords(buf),
+                                     isolation_level=IsolationLevel.READ_COMMITTED)
+    assert committed._parsed is None and len(committed.take()) == 2
+    assert FastPartitionRecords(0, TP, MemoryRecords(buf), value_deserializer=bytes)._parsed is None
 
 
 def test_corrupt_input_raises_kafka_pythons_errors():
