@@ -283,7 +283,8 @@ class FetchProbe:
     timestamp) and, per Fetch response, how many of the requested partitions carried
     records. The latter reads kafka-python's fetch callback (``Fetcher._handle_fetch_response``,
     present in kafka-python 2.x and 3.x); where it is missing only the ages are recorded.
-    Diagnostics of the benchmark only: the service never touches these internals.
+    Diagnostics of the benchmark only (the service's one use of fetcher internals is
+    :mod:`streamer.fast_fetch`, which this leaves alone).
     """
 
     def __init__(self, service) -> None:

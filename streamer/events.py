@@ -85,9 +85,6 @@ class InteractionColumns(NamedTuple):
     hashes: np.ndarray  # uint64
     offsets: list  # int
 
-    def __len__(self) -> int:
-        return len(self.offsets)
-
     def items(self) -> list[str]:
         """The item ids, as str."""
         ids = self.ids
@@ -201,14 +198,16 @@ class EventDecoder:
         hashes = np.zeros(len(offsets), np.uint64)
         with_id = np.flatnonzero(ok & (ints[:, 5] > 0))
         hashes[with_id] = event_id_hashes(joined, ints[with_id, 4], ints[with_id, 5])
-        columns = InteractionColumns(keys, joined, ints[:, 2], ints[:, 3], weights, times, hashes,
-                                     offsets)
         if ok.all():
-            return columns
+            return InteractionColumns(keys, joined, ints[:, 2], ints[:, 3], weights, times, hashes,
+                                      offsets)
+        good = ok.tolist()
+        fast = iter(InteractionColumns(
+            [k for k, g in zip(keys, good) if g], joined, ints[ok, 2], ints[ok, 3], weights[ok],
+            times[ok], hashes[ok], [o for o, g in zip(offsets, good) if g]).interactions())
         decode = self.decode
-        return [Interaction(keys[r].decode("ascii"), *row) if good else
-                decode(keys[r], values[r], offsets[r], broker_ts_ms[r])
-                for r, (good, row) in enumerate(zip(ok.tolist(), _rows(columns)))]
+        return [next(fast) if g else decode(keys[r], values[r], offsets[r], broker_ts_ms[r])
+                for r, g in enumerate(good)]
 
     def _from_object(self, doc: dict, key: str, offset: int, broker_ts_ms: int | None) -> Decoded:
         user, item = doc.get("user"), doc.get("item")
@@ -291,16 +290,6 @@ class EventDecoder:
         except UnicodeEncodeError:
             return f"{name} is not valid Unicode text"
         return None
-
-
-def _rows(columns: InteractionColumns):
-    """(item, weight, ts, event id hash, offset) of each record; the item only where it is
-    a valid span (rows the kernel declined are never used)."""
-    ids = columns.ids
-    for p, n, w, t, h, o in zip(columns.item_pos.tolist(), columns.item_len.tolist(),
-                                columns.weights.tolist(), columns.times.tolist(),
-                                columns.hashes.tolist(), columns.offsets):
-        yield ids[p:p + n].decode("ascii", "replace"), w, t, h, o
 
 
 def _reject_constant(name: str) -> float:

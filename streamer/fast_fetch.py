@@ -25,7 +25,7 @@ from itertools import repeat
 import kafka
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
 from kafka.protocol.consumer import IsolationLevel
-from kafka.record.util import calc_crc32c
+from kafka.record.util import calc_crc32c, decode_varint
 
 from streamer.record_batches import CRC_FROM, OK, scan_record_batches
 
@@ -92,10 +92,10 @@ def _headers(buf, positions: list[int], counts: list[int]) -> tuple[list, list]:
     for pos, count in zip(positions, counts):
         items, size = [], -1 if count == 0 else 0
         for _ in range(count):
-            klen, pos = _varint(buf, pos)
+            klen, pos = decode_varint(buf, pos)
             key = buf[pos:pos + klen].decode("utf-8")
             pos += klen
-            vlen, pos = _varint(buf, pos)
+            vlen, pos = decode_varint(buf, pos)
             value = buf[pos:pos + vlen] if vlen >= 0 else None
             pos += max(vlen, 0)
             items.append((key, value))
@@ -103,18 +103,6 @@ def _headers(buf, positions: list[int], counts: list[int]) -> tuple[list, list]:
         headers.append(items)
         sizes.append(size)
     return headers, sizes
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    """Zigzag varint at ``pos`` (already bounds-checked by the kernel)."""
-    raw = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        raw |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (raw >> 1) ^ -(raw & 1), pos
-        shift += 7
 
 
 class FastPartitionRecords(Fetcher.PartitionRecords):

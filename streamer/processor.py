@@ -34,7 +34,7 @@ from factors.gram_cache import GramCache
 from factors.rows import row_entries
 from streamer.codec import OutboxEntry, UserHistory, VectorRecord, encode_history
 from streamer.config import ProcessingConfig
-from streamer.events import EventDecoder, Forget, Interaction, InteractionColumns, Rejected
+from streamer.events import EventDecoder, Forget, InteractionColumns, Rejected
 from streamer.history_kernels import (
     HEAD_MIN_EVENTS,
     HistoryColumns,

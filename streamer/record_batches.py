@@ -112,6 +112,16 @@ def _varint(buf, pos, end):
 
 
 @nb.njit(cache=True, nogil=True)
+def _nullable_bytes(buf, q, end):
+    """Length-prefixed bytes at ``q`` (length -1: null) -> (length, their position, next
+    position); next position -1 when the length or the bytes run past ``end``."""
+    n, q = _varint(buf, q, end)
+    if q < 0 or n < -1 or q + max(n, 0) > end:
+        return 0, 0, -1
+    return n, q, q + max(n, 0)
+
+
+@nb.njit(cache=True, nogil=True)
 def _count_batches(buf):
     """(status, batches, records) over the complete batches of ``buf``."""
     n = buf.shape[0]
@@ -163,7 +173,6 @@ def _scan(buf, b_start, b_end, b_crc, b_epoch, b_next, b_append, offset, timesta
             rec_len, q = _varint(buf, p, end)
             if q < 0 or rec_len < 0:
                 return FALLBACK
-            rec_start = q
             rec_end = q + rec_len
             if rec_end > end:
                 return FALLBACK
@@ -176,32 +185,24 @@ def _scan(buf, b_start, b_end, b_crc, b_epoch, b_next, b_append, offset, timesta
             off_delta, q = _varint(buf, q, rec_end)
             if q < 0:
                 return FALLBACK
-            klen, q = _varint(buf, q, rec_end)
-            if q < 0 or klen < -1 or q + max(klen, 0) > rec_end:
+            key_len[r], key_pos[r], q = _nullable_bytes(buf, q, rec_end)
+            if q < 0:
                 return FALLBACK
-            key_pos[r] = q
-            key_len[r] = klen
-            q += max(klen, 0)
-            vlen, q = _varint(buf, q, rec_end)
-            if q < 0 or vlen < -1 or q + max(vlen, 0) > rec_end:
+            value_len[r], value_pos[r], q = _nullable_bytes(buf, q, rec_end)
+            if q < 0:
                 return FALLBACK
-            value_pos[r] = q
-            value_len[r] = vlen
-            q += max(vlen, 0)
             hcount, q = _varint(buf, q, rec_end)
             if q < 0 or hcount < 0:
                 return FALLBACK
             header_pos[r] = q
             header_count[r] = hcount
             for _ in range(hcount):
-                hklen, q = _varint(buf, q, rec_end)
-                if q < 0 or hklen < 0 or q + hklen > rec_end:
+                hklen, _, q = _nullable_bytes(buf, q, rec_end)
+                if q < 0 or hklen < 0:  # a header key is never null
                     return FALLBACK
-                q += hklen
-                hvlen, q = _varint(buf, q, rec_end)
-                if q < 0 or hvlen < -1 or q + max(hvlen, 0) > rec_end:
+                _, _, q = _nullable_bytes(buf, q, rec_end)
+                if q < 0:
                     return FALLBACK
-                q += max(hvlen, 0)
             if q != rec_end:
                 return FALLBACK
             # Offsets ascend and stay within the batch's range (the caller relies on both).

@@ -483,7 +483,7 @@ class PartitionStore:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
-        values = self._live().cf[name][[codec.encode_user_id(u) for u in ids]]
+        values = self._live().cf[name][_user_keys(ids)]
         return {u: decode(v) for u, v in zip(ids, values) if v is not None}
 
     def get_histories(self, user_ids: Iterable[str]) -> dict[str, UserHistory]:
@@ -497,7 +497,7 @@ class PartitionStore:
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
-        keys = [codec.encode_user_id(u) for u in ids]
+        keys = _user_keys(ids)
         values = self._live().cf[HISTORIES][keys + [HEAD_PREFIX + k for k in keys]]
         n = len(ids)
         return {u: (s, h) for u, s, h in zip(ids, values[:n], values[n:]) if s is not None or h is not None}

@@ -24,7 +24,7 @@ def assert_same(keys, values):
     times = [1_700_000_000_000 + i for i in range(len(values))]
     got = DECODER.decode_batch(keys, values, offsets, times)
     if isinstance(got, InteractionColumns):
-        assert len(got) == len(values)
+        assert len(got.offsets) == len(values)
         got = got.interactions()
     want = [DECODER.decode(k, v, o, t) for k, v, o, t in zip(keys, values, offsets, times)]
     assert [repr(e) for e in got] == [repr(e) for e in want]
