@@ -1,28 +1,33 @@
-"""Normal equations of recently folded rows, kept and updated by what changed.
+"""Normal equations of recently folded rows, kept factorised and updated by what changed.
 
 An exact fold-in of a row (a user) with ``n`` distinct items builds ``A = G + sum s y y^T``
 in ``n k^2 / 2`` multiply-adds and factorises it in ``k^3 / 6``. In a stream, the same
 active users come back batch after batch with one or two new events on top of hundreds of
-old ones, so rebuilding ``A`` is nearly all of their cost. :class:`GramCache` keeps ``A``
-and ``b = sum (1 + s) y`` of the rows it solved, with the aggregated row they were built
-from, and on the next solve of the same row applies only the difference::
+old ones, so rebuilding and refactorising ``A`` is nearly all of their cost.
+:class:`GramCache` keeps the Cholesky factor ``R`` of ``A`` (``A = R^T R``, upper
+triangle, packed) and ``b = sum (1 + s) y`` of the rows it solved, with the aggregated row
+they were built from, and on the next solve of the same row applies only the difference::
 
-    A += sum_j (s_new_j - s_old_j) y_j y_j^T        over items whose confidence changed
-    b += sum_j (p_new_j (1 + s_new_j) - p_old_j (1 + s_old_j)) y_j    (p: item in the row)
+    A += (s_new_j - s_old_j) y_j y_j^T    for each item j whose confidence changed:
+                                          a rank-1 update (or downdate) of R, O(k^2)
+    b += (p_new_j (1 + s_new_j) - p_old_j (1 + s_old_j)) y_j      (p: item in the row)
 
-That is the same sum in another order, so the solution is the one a rebuild gives up to
-float64 rounding (far below the float32 the vectors are stored in); every
+then solves with ``R`` in O(k^2): a row with a few changes costs a few ``k^2`` instead of
+``n k^2 / 2 + k^3 / 6``. Updates are applied before downdates, and a downdate that would
+leave a diagonal entry of ``R`` near zero falls back to a rebuild, so the factor stays that
+of ``A`` up to float64 rounding (far below the float32 the vectors are stored in); every
 ``refresh_every`` updates an entry is rebuilt from its row anyway, which bounds the rounding
 and keeps each entry's error independent of its age. An entry is self-contained: it holds
-the row its ``A`` and ``b`` were built from, so it stays exact whatever happened to the row
-in between (another process folded it, the caller dropped a batch).
+the row its ``R`` and ``b`` were built from, so it stays exact whatever happened to the
+row in between (another process folded it, the caller dropped a batch).
 
 Only rows longer than the solver's Woodbury cutoff are cached (shorter ones are solved
 without any k x k matrix and cost less than a cache update). A row's weights must not all
 change between solves (time decay re-weights every event at each new one), or the update
-costs as much as a rebuild: callers leave the cache out then.
+costs more than a rebuild: callers leave the cache out then.
 
-NumPy reference of the kernel: :func:`factors.reference.solve_rows_cached`.
+NumPy reference of the kernel: :func:`factors.reference.solve_rows_cached` (and
+:func:`numpy.linalg.cholesky` for :func:`cholesky_update`).
 """
 
 from __future__ import annotations
@@ -38,57 +43,168 @@ from factors.foldin import FoldIn
 from factors.kernels import _FASTMATH, _add_term, _cholesky_solve, _flush_terms, solve_rows_exact_serial
 from factors.rows import row_entries
 
-__all__ = ["GramCache", "solve_rows_cached"]
+__all__ = ["GramCache", "cholesky_update", "packed_size", "solve_rows_cached"]
 
 REFRESH_EVERY = 64  # updates of an entry before it is rebuilt from its row
+# A downdate may not shrink a diagonal entry of R below this share of its square: nearer to
+# singular, the downdated factor would have lost too many digits, and the row is rebuilt.
+DOWNDATE_FLOOR = 1e-6
+
+
+def packed_size(k: int) -> int:
+    """Entries of a packed k x k triangle."""
+    return k * (k + 1) // 2
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _packed_row(i, k):
+    """Offset of row ``i`` of a packed upper triangle (row-major, ``k - i`` entries)."""
+    return i * (2 * k - i + 1) // 2
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _pack_factor(L, R, k):
+    """``R``, the packed upper triangle, takes ``L^T`` (``L`` lower, as :func:`_cholesky_solve`
+    leaves it)."""
+    p = 0
+    for i in range(k):
+        for j in range(i, k):
+            R[p] = L[j, i]
+            p += 1
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def cholesky_update(R, x, sign, k):
+    """Replace the packed factor ``R`` of ``A = R^T R`` with that of ``A + sign x x^T``.
+
+    ``sign`` is 1.0 (an update) or -1.0 (a downdate); ``x`` (float64[k]) is overwritten.
+    O(k^2), one Givens (update) or hyperbolic (downdate) rotation per row. Returns False,
+    with ``R`` left part-updated, when a downdate would take a diagonal entry below
+    ``DOWNDATE_FLOOR`` of its square (the matrix is then too close to singular to trust the
+    downdated factor; the caller rebuilds it). NumPy reference: the factor of the new
+    matrix, :func:`numpy.linalg.cholesky` (tests).
+    """
+    p = 0
+    for i in range(k):
+        rii = R[p]
+        xi = x[i]
+        r2 = rii * rii + sign * xi * xi
+        if not r2 > DOWNDATE_FLOOR * rii * rii:
+            return False
+        r = np.sqrt(r2)
+        c = r / rii
+        s = xi / rii
+        inv_c = 1.0 / c
+        R[p] = r
+        # Slices, not offsets into R and x: the loop then vectorises (twice as fast).
+        n = k - i - 1
+        row = R[p + 1:p + 1 + n]
+        rest = x[i + 1:i + 1 + n]
+        t = sign * s * inv_c
+        for j in range(n):
+            rij = row[j] * inv_c + t * rest[j]
+            row[j] = rij
+            rest[j] = c * rest[j] - s * rij
+        p += k - i
+    return True
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _packed_solve(R, b, x, k):
+    """Solve ``R^T R x = b`` for the packed upper factor ``R``; both sweeps run along rows."""
+    for i in range(k):
+        x[i] = b[i]
+    # R^T z = b, column-oriented: row i of R is column i of R^T
+    p = 0
+    for i in range(k):
+        zi = x[i] / R[p]
+        x[i] = zi
+        n = k - i - 1
+        row = R[p + 1:p + 1 + n]
+        rest = x[i + 1:i + 1 + n]
+        for j in range(n):
+            rest[j] -= row[j] * zi
+        p += k - i
+    # R x = z
+    for i in range(k - 1, -1, -1):
+        p = _packed_row(i, k)
+        n = k - i - 1
+        row = R[p + 1:p + 1 + n]
+        rest = x[i + 1:i + 1 + n]
+        t = 0.0
+        for j in range(n):
+            t += row[j] * rest[j]
+        x[i] = (x[i] - t) / R[p]
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _rebuild(lo, hi, indices, conf, Y, G, A, bs, b, x, R, Yb, tb, k):
+    """Build the system of events ``lo:hi`` (``A = G + sum s y y^T`` in ``A``'s lower
+    triangle, ``b`` in ``bs``) in the order :func:`factors.kernels.solve_rows_exact` uses,
+    solve it into ``x`` and pack its factor into ``R``. False when not positive definite."""
+    for a in range(k):
+        bs[a] = 0.0
+        for c in range(a + 1):
+            A[a, c] = G[a, c]
+    nb = 0
+    for e in range(lo, hi):
+        s = np.float64(conf[e])
+        nb = _add_term(A, bs, Y, indices[e], s, 1.0 + s, Yb, tb, nb, k)
+    _flush_terms(A, Yb, tb, nb, k)
+    for a in range(k):
+        b[a] = bs[a]
+    if not _cholesky_solve(A, b, x, k):
+        return False
+    _pack_factor(A, R, k)
+    return True
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_indices, old_conf,
-                      Y, G, A_slab, b_slab, out):
-    """Bring cached normal equations up to date with their rows and solve them.
+                      Y, G, R_slab, b_slab, out, valid):
+    """Bring cached factorised normal equations up to date with their rows and solve them.
 
     Parameters
     ----------
     rows : int64[q]
         Rows of the CSR ``(indptr, indices, conf)`` to solve (and of ``out``).
     slots : int64[q]
-        Cache slot of each: ``A_slab[slot]`` (lower triangle) and ``b_slab[slot]``.
+        Cache slot of each: ``R_slab[slot]`` (the packed upper Cholesky factor of ``A``,
+        row-major) and ``b_slab[slot]``.
     rebuild : bool[q]
         True: build the slot from the row (``A = G + sum s y y^T``, ``b = sum (1 + s) y``)
         in the order :func:`factors.kernels.solve_rows_exact` uses, so the vector is that
         kernel's bit for bit. False: the slot holds the system of the old row
-        ``old_ptr[r]:old_ptr[r+1]`` of ``(old_indices, old_conf)``; add the difference.
+        ``old_ptr[r]:old_ptr[r+1]`` of ``(old_indices, old_conf)``; apply the difference
+        (falling back to a rebuild where a downdate fails).
     indptr : int64[m + 1]; indices : int32 (sorted, unique and valid within a row); conf : float32
     old_ptr : int64[q + 1]; old_indices : int32 (sorted, unique); old_conf : float32
     Y : float32[n, k]; G : float64[k, k]
-    A_slab : float64[slots, k, k]; b_slab : float64[slots, k]
+    R_slab : float64[slots, k (k + 1) / 2]; b_slab : float64[slots, k]
         Updated in place.
     out : float32[m, k]
         Written at ``rows``; NaN where a system is not numerically positive definite.
+    valid : bool[q]
+        Set: whether the slot now holds the row's system (False: not positive definite).
     """
     k = Y.shape[1]
     A = np.empty((k, k))
     b = np.empty(k)
     x = np.empty(k)
+    v = np.empty(k)
     Yb = np.empty((8, k))
     tb = np.empty(8)
+    term_j = np.empty(indices.shape[0] + old_indices.shape[0], np.int64)
+    term_s = np.empty(indices.shape[0] + old_indices.shape[0])
     for r in range(rows.shape[0]):
         u = rows[r]
-        As = A_slab[slots[r]]
+        R = R_slab[slots[r]]
         bs = b_slab[slots[r]]
-        nb = 0
-        if rebuild[r]:
-            for a in range(k):
-                bs[a] = 0.0
-                for c in range(a + 1):
-                    As[a, c] = G[a, c]
-            for e in range(indptr[u], indptr[u + 1]):
-                s = np.float64(conf[e])
-                nb = _add_term(As, bs, Y, indices[e], s, 1.0 + s, Yb, tb, nb, k)
-        else:
+        fresh = rebuild[r]
+        if not fresh:
             # Merge-walk the old and the new row (both sorted by item): every item whose
             # confidence changed, appeared or went contributes its difference.
+            nt = 0
             e, f = indptr[u], old_ptr[r]
             e_end, f_end = indptr[u + 1], old_ptr[r + 1]
             while e < e_end or f < f_end:
@@ -108,14 +224,34 @@ def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_
                     dw = ds
                     e += 1
                     f += 1
-                if ds != 0.0 or dw != 0.0:
-                    nb = _add_term(As, bs, Y, j, ds, dw, Yb, tb, nb, k)
-        _flush_terms(As, Yb, tb, nb, k)
-        for a in range(k):
-            b[a] = bs[a]
-            for c in range(a + 1):
-                A[a, c] = As[a, c]
-        _cholesky_solve(A, b, x, k)
+                if dw != 0.0:
+                    for a in range(k):
+                        bs[a] += dw * np.float64(Y[j, a])
+                if ds != 0.0:
+                    term_j[nt] = j
+                    term_s[nt] = ds
+                    nt += 1
+            # Updates first: a downdate then starts from the larger matrix.
+            for t in range(nt):
+                if term_s[t] > 0.0:
+                    root = np.sqrt(term_s[t])
+                    for a in range(k):
+                        v[a] = root * np.float64(Y[term_j[t], a])
+                    cholesky_update(R, v, 1.0, k)
+            for t in range(nt):
+                if term_s[t] < 0.0:
+                    root = np.sqrt(-term_s[t])
+                    for a in range(k):
+                        v[a] = root * np.float64(Y[term_j[t], a])
+                    if not cholesky_update(R, v, -1.0, k):
+                        fresh = True
+                        break
+            if not fresh:
+                _packed_solve(R, bs, x, k)
+                valid[r] = True
+        if fresh:
+            valid[r] = _rebuild(indptr[u], indptr[u + 1], indices, conf, Y, G, A, bs, b, x, R,
+                                Yb, tb, k)
         for a in range(k):
             out[u, a] = np.float32(x[a])
 
@@ -125,8 +261,9 @@ class GramCache:
 
     :meth:`solve` gives what :meth:`FoldIn.solve` gives for the same aggregated rows (up to
     float64 rounding for rows served from the cache, bit for bit otherwise); rows with more
-    than ``solver.woodbury_max`` entries keep their ``A`` and ``b`` (about ``8 k^2`` bytes)
-    in a fixed slab of at most ``max_bytes``, least recently solved out first.
+    than ``solver.woodbury_max`` entries keep the Cholesky factor of ``A`` and ``b``
+    (:meth:`slot_bytes`, about ``4 k^2`` bytes) in a fixed slab of at most ``max_bytes``,
+    least recently solved out first.
 
     Parameters
     ----------
@@ -147,15 +284,20 @@ class GramCache:
         self.solver = solver
         self.refresh_every = int(refresh_every)
         k = solver.factors
-        self.capacity = int(max_bytes) // (8 * k * (k + 1))
+        self.capacity = int(max_bytes) // self.slot_bytes(k)
         # np.empty: pages are only touched (and counted in RSS) as slots fill.
-        self._A = np.empty((self.capacity, k, k))
+        self._R = np.empty((self.capacity, packed_size(k)))
         self._b = np.empty((self.capacity, k))
         # key -> slot, least recently solved first; per slot: (row items, row conf, updates)
         self._slots: OrderedDict[Hashable, int] = OrderedDict()
         self._rows: list[tuple[np.ndarray, np.ndarray, int] | None] = [None] * self.capacity
         self._free = list(range(self.capacity - 1, -1, -1))
         self.hits = self.misses = 0
+
+    @staticmethod
+    def slot_bytes(k: int) -> int:
+        """Memory of one entry's system for ``k`` factors: the packed factor and ``b``."""
+        return 8 * (packed_size(k) + k)
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -233,16 +375,18 @@ class GramCache:
         old_ptr = np.zeros(q + 1, np.int64)
         np.cumsum(old_len, out=old_ptr[1:])
         s = self.solver
+        valid = np.zeros(q, dtype=bool)
         solve_rows_cached(rows.astype(np.int64), np.array(slots, np.int64), rebuild_a, indptr,
                           indices, conf, old_ptr,
                           np.concatenate(old_items) if old_items else np.zeros(0, np.int32),
                           np.concatenate(old_conf) if old_conf else np.zeros(0, np.float32),
-                          s.Y, s.G, self._A, self._b, out)
-        # Each slot now holds the system of its new row: record that row beside it.
+                          s.Y, s.G, self._R, self._b, out, valid)
+        # Each slot now holds the system of its new row: record that row beside it (a slot
+        # whose system was not positive definite holds no factor: rebuilt next time).
         bounds = indptr.tolist()
-        for u, slot, n in zip(rows_l, slots, updates):
+        for u, slot, n, ok in zip(rows_l, slots, updates, valid.tolist()):
             lo, hi = bounds[u], bounds[u + 1]
-            row_of[slot] = (indices[lo:hi].copy(), conf[lo:hi].copy(), n)
+            row_of[slot] = (indices[lo:hi].copy(), conf[lo:hi].copy(), n) if ok else None
 
     def _evict(self) -> int:
         _, slot = self._slots.popitem(last=False)

@@ -108,16 +108,21 @@ def solve_rows_exact(indptr, indices, conf, Y, G, Z, Linv, out, unknown, woodbur
 
 
 def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_indices, old_conf,
-                      Y, G, A_slab, b_slab, out):
+                      Y, G, R_slab, b_slab, out, valid=None):
     """Twin of :func:`factors.gram_cache.solve_rows_cached`: every slot rebuilt from its new
     row, whatever it held (the old rows do not matter: an update must land where a rebuild
-    does). Writes the full symmetric ``A`` into the slot; the kernel writes its lower triangle.
+    does). The slot takes the upper Cholesky factor ``R`` of ``A`` (``A = R^T R``), packed
+    row by row.
     """
+    k = Y.shape[1]
+    upper = np.triu_indices(k)
     for r, u in enumerate(rows):
         A, b, _ = _row_system(indptr, indices, conf, Y, G, u)
-        A_slab[slots[r]] = A
+        R_slab[slots[r]] = np.linalg.cholesky(A).T[upper]
         b_slab[slots[r]] = b
         out[u] = _solve(A, b)
+        if valid is not None:
+            valid[r] = True
 
 
 def solve_rows_cg(indptr, indices, conf, Y, G, X, cg_steps):

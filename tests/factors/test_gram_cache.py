@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from factors import reference
 from factors.errors import DataError
 from factors.foldin import FoldIn
-from factors.gram_cache import GramCache, solve_rows_cached
+from factors.gram_cache import GramCache, cholesky_update, packed_size, solve_rows_cached
 
 N_ITEMS, K = 60, 8
 
@@ -66,26 +66,48 @@ def test_kernel_update_lands_where_the_reference_rebuild_does(seed, n_rows):
     slots = rng.permutation(n_rows + 2)[:n_rows].astype(np.int64)
     rows = rng.permutation(n_rows).astype(np.int64)
     # The slots hold the old rows' systems, in the order of ``rows``.
-    A_slab = np.zeros((n_rows + 2, K, K))
+    R_slab = np.zeros((n_rows + 2, packed_size(K)))
     b_slab = np.zeros((n_rows + 2, K))
     scratch = np.empty((n_rows, K), np.float32)
     reference.solve_rows_cached(np.arange(n_rows), slots[np.argsort(rows)], None, o_ptr, o_idx,
-                                o_conf, None, None, None, Y, G, A_slab, b_slab, scratch)
+                                o_conf, None, None, None, Y, G, R_slab, b_slab, scratch)
     olds = [old[u] for u in rows]
     ro_ptr, ro_idx, ro_conf = csr(olds)
     out = np.full((n_rows, K), np.nan, np.float32)
+    valid = np.zeros(n_rows, bool)
     solve_rows_cached(rows, slots, np.zeros(n_rows, bool), n_ptr, n_idx, n_conf,
-                      ro_ptr, ro_idx, ro_conf, Y, G, A_slab, b_slab, out)
+                      ro_ptr, ro_idx, ro_conf, Y, G, R_slab, b_slab, out, valid)
 
-    want_A = np.zeros_like(A_slab)
+    want_R = np.zeros_like(R_slab)
     want_b = np.zeros_like(b_slab)
     want = np.empty((n_rows, K), np.float32)
     reference.solve_rows_cached(rows, slots, None, n_ptr, n_idx, n_conf, None, None, None,
-                                Y, G, want_A, want_b, want)
+                                Y, G, want_R, want_b, want)
+    assert valid.all()
     for s in slots:
-        np.testing.assert_allclose(np.tril(A_slab[s]), np.tril(want_A[s]), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(R_slab[s], want_R[s], rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(b_slab[s], want_b[s], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 12), downdate=st.booleans())
+def test_rank_one_update_gives_the_factor_of_the_new_matrix(seed, k, downdate):
+    rng = np.random.default_rng(seed)
+    M = rng.standard_normal((3 * k, k))
+    x = rng.standard_normal(k) * rng.choice([1e-3, 1.0, 10.0])
+    A = M.T @ M + np.eye(k) + (np.outer(x, x) if downdate else 0.0)  # a downdate stays PD
+    upper = np.triu_indices(k)
+    R = np.linalg.cholesky(A).T[upper]
+    assert cholesky_update(R, x.copy(), -1.0 if downdate else 1.0, k)
+    new = A - np.outer(x, x) if downdate else A + np.outer(x, x)
+    np.testing.assert_allclose(R, np.linalg.cholesky(new).T[upper], rtol=1e-9, atol=1e-9)
+
+
+def test_a_downdate_to_near_singular_is_refused():
+    A = np.diag([1.0, 4.0])
+    R = np.linalg.cholesky(A).T[np.triu_indices(2)]
+    assert not cholesky_update(R, np.array([1.0 - 1e-9, 0.0]), -1.0, 2)
 
 
 def test_kernel_rebuild_equals_the_reference():
@@ -94,16 +116,17 @@ def test_kernel_rebuild_equals_the_reference():
     G = reference.gram(Y, 0.2)
     ptr, idx, conf = csr([random_row(rng) for _ in range(4)])
     rows, slots = np.arange(4, dtype=np.int64), np.array([3, 0, 2, 1], np.int64)
-    A_slab, b_slab = np.full((4, K, K), 7.0), np.full((4, K), 7.0)  # garbage: overwritten
+    R_slab, b_slab = np.full((4, packed_size(K)), 7.0), np.full((4, K), 7.0)  # garbage: overwritten
     out = np.empty((4, K), np.float32)
+    valid = np.zeros(4, bool)
     empty = np.zeros(0, np.int32)
     solve_rows_cached(rows, slots, np.ones(4, bool), ptr, idx, conf, np.zeros(5, np.int64), empty,
-                      empty.astype(np.float32), Y, G, A_slab, b_slab, out)
-    want_A, want_b, want = np.zeros_like(A_slab), np.zeros_like(b_slab), np.empty_like(out)
+                      empty.astype(np.float32), Y, G, R_slab, b_slab, out, valid)
+    want_R, want_b, want = np.zeros_like(R_slab), np.zeros_like(b_slab), np.empty_like(out)
     reference.solve_rows_cached(rows, slots, None, ptr, idx, conf, None, None, None, Y, G,
-                                want_A, want_b, want)
-    for s in range(4):
-        np.testing.assert_allclose(np.tril(A_slab[s]), np.tril(want_A[s]), rtol=1e-12)
+                                want_R, want_b, want)
+    assert valid.all()
+    np.testing.assert_allclose(R_slab, want_R, rtol=1e-12)
     np.testing.assert_allclose(b_slab, want_b, rtol=1e-12)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
@@ -168,10 +191,29 @@ def test_refresh_rebuilds_an_entry_bit_for_bit():
     assert (cache.misses, cache.hits) == (2, 4)
 
 
+def test_a_refused_downdate_rebuilds_the_entry_bit_for_bit():
+    # One item's confidence dwarfs the rest of A: taking it out again would leave R with
+    # almost no digits, so the cache rebuilds the row instead of downdating.
+    rng = np.random.default_rng(9)
+    s = solver()
+    cache = GramCache(s, 2**20)
+    items, weights = random_row(rng, 20, 20, zero_share=0.0)
+    heavy = weights.copy()
+    heavy[0] = 1e9
+    for step, w in enumerate([weights, heavy, weights]):
+        got = cache.solve(["u"], *csr([(items, w)]))
+        want, _ = s.solve(*csr([(items, w)]), serial=True)
+        if step == 2:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert (cache.misses, cache.hits) == (1, 2)
+
+
 def test_a_small_slab_evicts_the_least_recent_and_stays_exact():
     rng = np.random.default_rng(8)
     s = solver()
-    cache = GramCache(s, 2 * 8 * K * (K + 1))
+    cache = GramCache(s, 3 * GramCache.slot_bytes(K) - 1)
     assert cache.capacity == 2
     rows = {f"u{i}": random_row(rng, 15, 30) for i in range(5)}
     for step in range(12):
