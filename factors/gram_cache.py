@@ -36,16 +36,27 @@ from collections import OrderedDict
 from typing import Hashable, Sequence
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit, prange
 
 from factors.errors import DataError
 from factors.foldin import FoldIn
-from factors.kernels import _FASTMATH, _add_term, _cholesky_solve, _flush_terms, solve_rows_exact_serial
+from factors.kernels import (
+    _FASTMATH,
+    _add_term,
+    _cholesky_solve,
+    _flush_terms,
+    solve_rows_exact,
+    solve_rows_exact_serial,
+)
 from factors.rows import row_entries
 
-__all__ = ["GramCache", "cholesky_update", "packed_size", "solve_rows_cached"]
+__all__ = ["GramCache", "cholesky_update", "packed_size", "solve_rows_cached", "solve_rows_cached_parallel"]
 
 REFRESH_EVERY = 64  # updates of an entry before it is rebuilt from its row
+# Calls with more rows than this are solved on numba's thread pool; smaller ones (a live
+# micro-batch) on the calling thread, where waking the pool costs more than it saves and
+# its spinning threads would take the CPU the Kafka clients and the broker need.
+SERIAL_MAX_ROWS = 1024
 # A downdate may not shrink a diagonal entry of R below this share of its square: nearer to
 # singular, the downdated factor would have lost too many digits, and the row is rebuilt.
 DOWNDATE_FLOOR = 1e-6
@@ -187,6 +198,26 @@ def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_
     valid : bool[q]
         Set: whether the slot now holds the row's system (False: not positive definite).
     """
+    _solve_cached_range(0, rows.shape[0], rows, slots, rebuild, indptr, indices, conf, old_ptr,
+                        old_indices, old_conf, Y, G, R_slab, b_slab, out, valid)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
+def solve_rows_cached_parallel(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_indices,
+                               old_conf, Y, G, R_slab, b_slab, out, valid):
+    """:func:`solve_rows_cached` on numba's thread pool (rows in blocks; same results)."""
+    q = rows.shape[0]
+    n_blocks = min(q, 4 * get_num_threads())
+    for blk in prange(n_blocks):
+        _solve_cached_range(blk * q // n_blocks, (blk + 1) * q // n_blocks, rows, slots, rebuild,
+                            indptr, indices, conf, old_ptr, old_indices, old_conf, Y, G, R_slab,
+                            b_slab, out, valid)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _solve_cached_range(first, last, rows, slots, rebuild, indptr, indices, conf, old_ptr,
+                        old_indices, old_conf, Y, G, R_slab, b_slab, out, valid):
+    """:func:`solve_rows_cached` of ``rows[first:last]``, with one set of scratch buffers."""
     k = Y.shape[1]
     A = np.empty((k, k))
     b = np.empty(k)
@@ -194,9 +225,13 @@ def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_
     v = np.empty(k)
     Yb = np.empty((8, k))
     tb = np.empty(8)
-    term_j = np.empty(indices.shape[0] + old_indices.shape[0], np.int64)
-    term_s = np.empty(indices.shape[0] + old_indices.shape[0])
-    for r in range(rows.shape[0]):
+    longest = 0
+    for r in range(first, last):
+        u = rows[r]
+        longest = max(longest, indptr[u + 1] - indptr[u] + old_ptr[r + 1] - old_ptr[r])
+    term_j = np.empty(longest, np.int64)
+    term_s = np.empty(longest)
+    for r in range(first, last):
         u = rows[r]
         R = R_slab[slots[r]]
         bs = b_slab[slots[r]]
@@ -305,10 +340,13 @@ class GramCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._slots
 
-    def solve(self, keys: Sequence[Hashable], indptr, indices, weights) -> np.ndarray:
+    def solve(self, keys: Sequence[Hashable], indptr, indices, weights, *,
+              serial: bool | None = None) -> np.ndarray:
         """Vectors of aggregated rows (as :meth:`FoldIn.solve`: sorted, unique, known items).
 
         ``keys[r]`` names row ``r`` (a user id) across calls; keys must be distinct.
+        ``serial``: solve on the calling thread (True) or numba's thread pool (False); by
+        default the pool takes calls of more than ``SERIAL_MAX_ROWS`` rows. Same results.
         Returns float32 [m, k].
         """
         solver = self.solver
@@ -324,26 +362,29 @@ class GramCache:
         cached = cached[:self.capacity]  # a slot used twice in one call would mix two rows
         if len(cached) and len(set(keys[r] for r in cached.tolist())) < len(cached):
             raise DataError("keys must be distinct")
+        if serial is None:
+            serial = m <= SERIAL_MAX_ROWS
         direct = np.ones(m, dtype=bool)
         direct[cached] = False
         if direct.any():
-            self._solve_direct(np.flatnonzero(direct), indptr, indices, conf, out)
+            self._solve_direct(np.flatnonzero(direct), indptr, indices, conf, out, serial)
         if len(cached):
-            self._solve_cached(keys, cached, indptr, indices, conf, out)
+            self._solve_cached(keys, cached, indptr, indices, conf, out, serial)
         return out
 
-    def _solve_direct(self, rows, indptr, indices, conf, out) -> None:
+    def _solve_direct(self, rows, indptr, indices, conf, out, serial) -> None:
         sub_ptr = np.zeros(len(rows) + 1, np.int64)
         np.cumsum(np.diff(indptr)[rows], out=sub_ptr[1:])
         take = row_entries(indptr, rows)
         sub_out = np.empty((len(rows), self.solver.factors), dtype=np.float32)
         unknown = np.empty(len(rows), dtype=np.int64)
         s = self.solver
-        solve_rows_exact_serial(sub_ptr, indices[take], conf[take], s.Y, s.G, s.Z, s.Linv,
-                                sub_out, unknown, s.woodbury_max)
+        kernel = solve_rows_exact_serial if serial else solve_rows_exact
+        kernel(sub_ptr, indices[take], conf[take], s.Y, s.G, s.Z, s.Linv, sub_out, unknown,
+               s.woodbury_max)
         out[rows] = sub_out
 
-    def _solve_cached(self, keys, rows, indptr, indices, conf, out) -> None:
+    def _solve_cached(self, keys, rows, indptr, indices, conf, out, serial) -> None:
         # Python lists, not NumPy item assignment: this loop runs once per cached row.
         slots, rebuild, updates, old_items, old_conf = [], [], [], [], []
         entries, row_of, free, refresh = self._slots, self._rows, self._free, self.refresh_every
@@ -376,11 +417,11 @@ class GramCache:
         np.cumsum(old_len, out=old_ptr[1:])
         s = self.solver
         valid = np.zeros(q, dtype=bool)
-        solve_rows_cached(rows.astype(np.int64), np.array(slots, np.int64), rebuild_a, indptr,
-                          indices, conf, old_ptr,
-                          np.concatenate(old_items) if old_items else np.zeros(0, np.int32),
-                          np.concatenate(old_conf) if old_conf else np.zeros(0, np.float32),
-                          s.Y, s.G, self._R, self._b, out, valid)
+        kernel = solve_rows_cached if serial else solve_rows_cached_parallel
+        kernel(rows.astype(np.int64), np.array(slots, np.int64), rebuild_a, indptr, indices, conf,
+               old_ptr, np.concatenate(old_items) if old_items else np.zeros(0, np.int32),
+               np.concatenate(old_conf) if old_conf else np.zeros(0, np.float32),
+               s.Y, s.G, self._R, self._b, out, valid)
         # Each slot now holds the system of its new row: record that row beside it (a slot
         # whose system was not positive definite holds no factor: rebuilt next time).
         bounds = indptr.tolist()
