@@ -204,10 +204,11 @@ def solve_rows_cached(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
 def solve_rows_cached_parallel(rows, slots, rebuild, indptr, indices, conf, old_ptr, old_indices,
-                               old_conf, Y, G, R_slab, b_slab, out, valid):
-    """:func:`solve_rows_cached` on numba's thread pool (rows in blocks; same results)."""
+                               old_conf, Y, G, R_slab, b_slab, out, valid, n_blocks):
+    """:func:`solve_rows_cached` on numba's thread pool, ``rows`` cut into ``n_blocks``
+    blocks (same results)."""
     q = rows.shape[0]
-    n_blocks = min(q, 4 * get_num_threads())
+    n_blocks = max(min(q, n_blocks), 1)
     for blk in prange(n_blocks):
         _solve_cached_range(blk * q // n_blocks, (blk + 1) * q // n_blocks, rows, slots, rebuild,
                             indptr, indices, conf, old_ptr, old_indices, old_conf, Y, G, R_slab,
@@ -417,11 +418,14 @@ class GramCache:
         np.cumsum(old_len, out=old_ptr[1:])
         s = self.solver
         valid = np.zeros(q, dtype=bool)
-        kernel = solve_rows_cached if serial else solve_rows_cached_parallel
-        kernel(rows.astype(np.int64), np.array(slots, np.int64), rebuild_a, indptr, indices, conf,
-               old_ptr, np.concatenate(old_items) if old_items else np.zeros(0, np.int32),
-               np.concatenate(old_conf) if old_conf else np.zeros(0, np.float32),
-               s.Y, s.G, self._R, self._b, out, valid)
+        args = (rows.astype(np.int64), np.array(slots, np.int64), rebuild_a, indptr, indices, conf,
+                old_ptr, np.concatenate(old_items) if old_items else np.zeros(0, np.int32),
+                np.concatenate(old_conf) if old_conf else np.zeros(0, np.float32),
+                s.Y, s.G, self._R, self._b, out, valid)
+        if serial:
+            solve_rows_cached(*args)
+        else:
+            solve_rows_cached_parallel(*args, 4 * get_num_threads())
         # Each slot now holds the system of its new row: record that row beside it (a slot
         # whose system was not positive definite holds no factor: rebuilt next time).
         bounds = indptr.tolist()

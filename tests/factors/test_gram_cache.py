@@ -210,6 +210,20 @@ def test_a_refused_downdate_rebuilds_the_entry_bit_for_bit():
     assert (cache.misses, cache.hits) == (1, 2)
 
 
+def test_the_thread_pool_solves_what_the_calling_thread_does():
+    rng = np.random.default_rng(12)
+    s = solver()
+    caches = GramCache(s, 2**20), GramCache(s, 2**20)
+    rows = [random_row(rng, 1, 40) for _ in range(60)]
+    keys = [f"u{i}" for i in range(60)]
+    for step in range(3):
+        rows = [(items, weights + step * rng.exponential(1.0, size=len(weights))) for items, weights in rows]
+        serial = caches[0].solve(keys, *csr(rows), serial=True)
+        pooled = caches[1].solve(keys, *csr(rows), serial=False)
+        np.testing.assert_array_equal(pooled, serial)
+    assert caches[1].hits == caches[0].hits > 0
+
+
 def test_a_small_slab_evicts_the_least_recent_and_stays_exact():
     rng = np.random.default_rng(8)
     s = solver()
