@@ -61,7 +61,7 @@ class KafkaConfig:
 class ProcessingConfig:
     """Micro-batching and event validation."""
 
-    batch_max_records: int = 20_000
+    batch_max_records: int = 40_000
     batch_max_ms: int = 50
     history_cap: int = 1_000
     history_cache_events: int = 2_000_000
