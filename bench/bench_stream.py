@@ -67,7 +67,7 @@ class Scenario:
     iterations: int = 5
     activity_exponent: float = 0.8
     partitions: int = 4
-    backlog: int = 4_000_000
+    backlog: int = 5_000_000
     max_seconds: float = 150.0
     rate: float = 10_000.0
     latency_seconds: float = 60.0
