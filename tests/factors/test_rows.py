@@ -44,7 +44,8 @@ def test_empty_and_validation():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(-2, 6), st.floats(0, 1e6, allow_nan=False)),
+@given(st.lists(st.lists(st.tuples(st.integers(-2, 6) | st.integers(60, 200),
+                                   st.floats(0, 1e6, allow_nan=False)),
                          max_size=12), max_size=8))
 def test_sum_rows_kernel_equals_numpy_reference(rows):
     indptr = np.zeros(len(rows) + 1, np.int64)
@@ -60,6 +61,17 @@ def test_sum_rows_kernel_equals_numpy_reference(rows):
     assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref)
     # The kernel adds in event order; reduceat may pair terms differently.
     np.testing.assert_allclose(w, w_ref, rtol=1e-12)
+
+
+def test_sum_rows_kernel_orders_items_across_bitmap_words():
+    # Items on both sides of 64-bit word boundaries, the largest index last, repeats.
+    items = np.array([4095, 64, 63, 0, 128, 127, 4095, 64, 1, 2000], np.int64)
+    indptr = np.array([0, 6, 6, 10], np.int64)
+    p, i, w = np.empty(4, np.int64), np.empty(10, np.int64), np.empty(10)
+    n = kernels.sum_rows_by_item(indptr, items, np.arange(1.0, 11.0), p, i, w)
+    assert p.tolist() == [0, 6, 6, 10]
+    assert i[:n].tolist() == [0, 63, 64, 127, 128, 4095, 1, 64, 2000, 4095]
+    assert w[:n].tolist() == [4.0, 3.0, 2.0, 6.0, 5.0, 1.0, 9.0, 8.0, 10.0, 7.0]
 
 
 def test_row_entries_are_the_positions_of_the_rows_entries_in_order():
