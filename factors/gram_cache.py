@@ -267,21 +267,15 @@ def _solve_cached_range(first, last, rows, slots, rebuild, indptr, indices, conf
                     term_j[nt] = j
                     term_s[nt] = ds
                     nt += 1
-            # Updates first: a downdate then starts from the larger matrix.
-            for t in range(nt):
-                if term_s[t] > 0.0:
-                    root = np.sqrt(term_s[t])
-                    for a in range(k):
-                        v[a] = root * np.float64(Y[term_j[t], a])
-                    cholesky_update(R, v, 1.0, k)
-            for t in range(nt):
-                if term_s[t] < 0.0:
-                    root = np.sqrt(-term_s[t])
-                    for a in range(k):
-                        v[a] = root * np.float64(Y[term_j[t], a])
-                    if not cholesky_update(R, v, -1.0, k):
-                        fresh = True
-                        break
+            # Updates first (sign 1), then downdates: a downdate starts from the larger
+            # matrix. Any refusal rebuilds the row.
+            for sign in (1.0, -1.0):
+                for t in range(nt):
+                    if term_s[t] * sign > 0.0 and not fresh:
+                        root = np.sqrt(term_s[t] * sign)
+                        for a in range(k):
+                            v[a] = root * np.float64(Y[term_j[t], a])
+                        fresh = not cholesky_update(R, v, sign, k)
             if not fresh:
                 _packed_solve(R, bs, x, k)
                 valid[r] = True
