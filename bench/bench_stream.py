@@ -74,6 +74,8 @@ class Scenario:
     warmup: float = 5.0
     batch_max_records: int | None = None  # None: the ProcessingConfig default
     batch_max_ms: int | None = None
+    history_cache_events: int | None = None  # None: the ProcessingConfig default
+    gram_cache_bytes: int | None = None
     seed: int = 7
 
 
@@ -585,8 +587,9 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
     try:
         registry, events, n_stream = build(work, sc, say)
         with EmbeddedBroker(work / "broker") as broker:
-            processing = {k: v for k, v in (("batch_max_records", sc.batch_max_records),
-                                            ("batch_max_ms", sc.batch_max_ms)) if v is not None}
+            processing = {k: getattr(sc, k) for k in ("batch_max_records", "batch_max_ms",
+                                                      "history_cache_events", "gram_cache_bytes")
+                          if getattr(sc, k) is not None}
             config = AppConfig().replace(
                 kafka={"bootstrap_servers": broker.bootstrap, "input_partitions": sc.partitions,
                        **(QUICK_SESSION if quick else SESSION)},
@@ -813,7 +816,9 @@ def markdown(r: dict, quick: bool) -> str:
         f"on this machine ({os.cpu_count()} cores shared). Synthetic log: {sc['users']:,} users "
         f"(Zipf activity {sc['activity_exponent']}), {sc['items']:,} items, k={sc['factors']}, "
         f"{sc['partitions']} input partitions; batch_max_records="
-        f"{r['processing']['batch_max_records']}, batch_max_ms={r['processing']['batch_max_ms']}. "
+        f"{r['processing']['batch_max_records']}, batch_max_ms={r['processing']['batch_max_ms']}, "
+        f"history_cache_events={r['processing']['history_cache_events']}, "
+        f"gram_cache_bytes={r['processing']['gram_cache_bytes']}. "
         f"kafka-python CRC32C: {r['crc32c']}.",
         "",
         "| measurement | value | target |",
@@ -961,6 +966,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int)
     p.add_argument("--batch-max-records", type=int)
     p.add_argument("--batch-max-ms", type=int)
+    p.add_argument("--history-cache-events", type=int, help="processing.history_cache_events")
+    p.add_argument("--gram-cache-bytes", type=int, help="processing.gram_cache_bytes")
     p.add_argument("--consumer", action="append", default=[], metavar="KEY=JSON",
                    help="kafka-python consumer override, e.g. --consumer fetch_min_bytes=65536")
     p.add_argument("--profile", nargs="?", const="auto", choices=["auto", "py-spy", "cprofile"],
@@ -971,7 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     sc = QUICK if args.quick else Scenario()
     changes = {name: getattr(args, name) for name in
                ("backlog", "max_seconds", "rate", "latency_seconds", "users", "items",
-                "batch_max_records", "batch_max_ms") if getattr(args, name) is not None}
+                "batch_max_records", "batch_max_ms", "history_cache_events", "gram_cache_bytes")
+               if getattr(args, name) is not None}
     sc = replace(sc, **changes)
     overrides = {}
     for item in args.consumer:

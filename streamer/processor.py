@@ -99,7 +99,7 @@ class BatchOutcome:
 # histogram, where reading every user's vector cost as much as the fold-in in small batches.
 DRIFT_SAMPLE_USERS = 32
 
-# What one cached user costs beyond its events, in events (an event is about 40 bytes in
+# What one cached user costs beyond its events, in events (an event is about 30 bytes in
 # the cache; ``processing.history_cache_events`` bounds the cache per process).
 ENTRY_OVERHEAD_EVENTS = 16
 
