@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from factors import gram_cache
 from streamer.config import ProcessingConfig
 from streamer.events import InteractionColumns
 from streamer.model import LoadedModel
@@ -104,12 +105,17 @@ def test_the_cache_keeps_to_its_bound_and_is_tied_to_one_model(tmp_path, synthet
         assert processor._caches[store].model is other
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "thread-pool"])
 def test_cached_normal_equations_give_the_vectors_of_a_full_solve(tmp_path, synthetic_log,
-                                                                    trained_registry):
+                                                                    trained_registry, pool,
+                                                                    monkeypatch):
     # Small batches: the same long histories come back batch after batch, as in a live
     # stream, so most of their solves are updates of cached normal equations (k = 8 here:
     # every history of more than 8 distinct items is cached). Late events, duplicates,
-    # forgets and the cap's evictions all reach the updates.
+    # forgets and the cap's evictions all reach the updates. ``pool``: every batch goes to
+    # numba's thread pool, as a draining consumer's batches of thousands of users do.
+    if pool:
+        monkeypatch.setattr(gram_cache, "SERIAL_MAX_ROWS", 0)
     model = LoadedModel(ModelRegistry(trained_registry).load())
     recs = records(synthetic_log, 3000, seed=7)
     with_grams = PartitionProcessor(ProcessingConfig(history_cap=40))
