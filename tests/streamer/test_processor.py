@@ -11,6 +11,7 @@ from factors import gram_cache
 from streamer.config import ProcessingConfig
 from streamer.events import InteractionColumns
 from streamer.model import LoadedModel
+from streamer import processor as processor_module
 from streamer.processor import PartitionProcessor, RawRecord
 from streamer.registry import ModelRegistry
 from streamer.store import PartitionStore
@@ -103,6 +104,31 @@ def test_the_cache_keeps_to_its_bound_and_is_tied_to_one_model(tmp_path, synthet
         run(processor, store, other, recs[1500:], batch=10)
         assert processor._caches[store] is not cache
         assert processor._caches[store].model is other
+
+
+def test_drift_samples_previous_vectors_at_most_once_per_interval_per_partition(
+        tmp_path, synthetic_log, trained_registry, monkeypatch):
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    processor = PartitionProcessor(ProcessingConfig())
+    users, items = synthetic_log.user_ids.ids[:40], synthetic_log.item_ids.ids
+    recs = [RawRecord(offset, users[offset % 40].encode(), json.dumps(
+        {"user": users[offset % 40], "item": items[offset % len(items)]}).encode(), 1000 + offset)
+        for offset in range(1100)]
+    with PartitionStore.open(tmp_path, "t", 0) as first, PartitionStore.open(tmp_path, "t", 1) as second:
+        run(processor, first, model, recs[:600], batch=200)  # the users now have vectors
+        run(processor, second, model, recs[:600], batch=200)
+        now = processor_module.time.monotonic() + 10.0
+        clock = iter([now, now + 0.1, now + 0.2, now + 0.26, now + 0.27])
+        monkeypatch.setattr(processor_module.time, "monotonic", lambda: next(clock))
+        sampled = [run(processor, store, model, recs[start:start + 100], batch=100)[0].previous_vectors
+                   for store, start in [(first, 600), (first, 700), (second, 600), (first, 800),
+                                        (second, 700)]]
+    # 0.25 s apart per partition: the first store at +0 and +0.26, the second at +0.2.
+    assert [len(s) > 0 for s in sampled] == [True, False, True, True, False]
+    assert all(len(s) <= processor_module.DRIFT_SAMPLE_USERS for s in sampled)
+    for vectors in sampled:
+        for vector in vectors.values():
+            assert vector.shape == (model.factors,) and np.isfinite(vector).all()
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["calling-thread", "thread-pool"])
