@@ -45,6 +45,7 @@ from streamer.history_kernels import (
     parse_histories,
     plan_history_writes,
     split_head_record,
+    take_merged,
     visible_events,
 )
 from streamer.model import LoadedModel
@@ -217,15 +218,15 @@ class PartitionProcessor:
         stored_head = np.array(evicted_l, dtype=np.int64) >= 0  # -1: no head record stored
         evicted_old = np.maximum(np.array(evicted_l, dtype=np.int64), 0)
         sealed_count = old.ptr[1::2] - old.ptr[:-1:2]
+        # The histories without their evicted events: ``visible`` picks their rows of the
+        # parsed columns (None: all of them), gathered here only for the merge's keys.
         old_ptr, visible = visible_events(old.ptr, evicted_old)
-        if visible is None:
-            old = old._replace(ptr=old_ptr)
-        else:
-            old = HistoryColumns(old_ptr, *(c[visible] for c in old[1:6]), old.id_buf)
+        old = old._replace(ptr=old_ptr)
+        old_t, old_h = (old.times, old.hashes) if visible is None else (old.times[visible], old.hashes[visible])
         new_t = times[by_user]
         new_h = hashes[by_user]
         ptr, source, added, duplicates, evicted = merge_new_events(
-            old.ptr, old.times, old.hashes, new_ptr, new_t, new_h, self.config.history_cap)
+            old_ptr, old_t, old_h, new_ptr, new_t, new_h, self.config.history_cap)
         outcome.duplicates = int(duplicates.sum())
         outcome.evicted = int(evicted.sum())
         outcome.applied = len(seg_a) - outcome.duplicates
@@ -246,22 +247,19 @@ class PartitionProcessor:
             np.cumsum(merged_counts[changed], out=ptr[1:])
         changed_idx = np.flatnonzero(changed)
         changed_users = [users[u] for u in changed_idx.tolist()]
-        merged = HistoryColumns(
-            ptr,
-            np.concatenate([old.weights, weights.astype(np.float32)[by_user]])[source],
-            np.concatenate([old.times, new_t])[source],
-            np.concatenate([old.hashes, new_h])[source],
-            np.concatenate([old.id_pos, new_pos[by_user]])[source],
-            np.concatenate([old.id_len, new_len[by_user]])[source],
-            old.id_buf)
         table = model.item_table
-        base_rows.append(table.rows(old.id_buf, new_pos[by_user], new_len[by_user]).astype("=i4").tobytes())
+        new_pos, new_len = new_pos[by_user], new_len[by_user]
+        base_rows.append(table.rows(old.id_buf, new_pos, new_len).astype("=i4").tobytes())
         all_rows = np.frombuffer(b"".join(base_rows), dtype="=i4")
         if missed:
             all_rows = all_rows.copy()
-            events = row_entries(old.ptr, missed)
-            all_rows[events] = table.rows(old.id_buf, old.id_pos[events], old.id_len[events])
-        rows = all_rows[source]
+            events = row_entries(old_ptr, missed)
+            parsed = events if visible is None else visible[events]
+            all_rows[events] = table.rows(old.id_buf, old.id_pos[parsed], old.id_len[parsed])
+        new = HistoryColumns(new_ptr, weights.astype(np.float32)[by_user], new_t, new_h, new_pos, new_len,
+                             old.id_buf)
+        merged, rows = take_merged(source, old, visible, new, all_rows)
+        merged = merged._replace(ptr=ptr)
         outcome.applied_items = decoded.items() if items is None else items
         outcome.new_users = int(np.count_nonzero(fresh & (counts > 0)))
         outcome.new_user_events = int(counts[fresh].sum()) if n_users else 0

@@ -17,6 +17,8 @@ from streamer.history_kernels import (
     parse_histories,
     plan_history_writes,
     plan_history_writes_reference,
+    take_merged,
+    take_merged_reference,
     visible_events,
 )
 
@@ -102,6 +104,30 @@ def test_merge_matches_append_histories(data, cap, rnd):
     for u, want in enumerate(expected.histories):
         assert_same(merged, u, want)
     assert encode_histories(merged) == [codec.encode_history(x) for x in expected.histories]
+
+
+def _random_columns(rng, n: int, buf: np.ndarray) -> HistoryColumns:
+    return HistoryColumns(None, rng.random(n, dtype=np.float32), rng.normal(size=n),
+                          rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True),
+                          rng.integers(0, 1000, n), rng.integers(0, 9, n), buf)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_take_merged_matches_its_reference(seed):
+    rng = np.random.default_rng(seed)
+    buf = np.frombuffer(b"item ids", np.uint8)
+    parsed, n_new = int(rng.integers(0, 50)), int(rng.integers(0, 10))
+    old, new = _random_columns(rng, parsed, buf), _random_columns(rng, n_new, buf)
+    # Without an index every parsed row is an old event; with one, a subset in order.
+    index = None if seed % 2 else np.sort(rng.choice(parsed, int(rng.integers(0, parsed + 1)), replace=False))
+    n_old = parsed if index is None else len(index)
+    source = rng.choice(n_old + n_new, int(rng.integers(0, n_old + n_new + 1)), replace=False).astype(np.int64)
+    rows = rng.integers(-1, 100, n_old + n_new).astype(np.int32)
+    got, got_rows = take_merged(source, old, index, new, rows)
+    want, want_rows = take_merged_reference(source, old, index, new, rows)
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert got_rows.dtype == want_rows.dtype and np.array_equal(got_rows, want_rows)
 
 
 def _accepted(reference, *args) -> bool:
