@@ -44,9 +44,16 @@ def aggregate_rows(
     weights : float32 array, per-item sums (computed in float64)
     unknown : int64 array (m,), events per row on unknown items
     """
+    # int32 items and float32 weights (what the consumer holds) go to the kernel as they
+    # are: it widens each weight to float64 as it adds it, and writes its float64 sums
+    # into float32 as ``astype`` would, so no full-size copy is made on the way in or out.
     indptr = np.asarray(indptr, dtype=np.int64)
-    indices = np.asarray(indices, dtype=np.int64)
-    w = np.asarray(weights, dtype=np.float64)
+    indices = np.asarray(indices)
+    if indices.dtype != np.int32:
+        indices = indices.astype(np.int64, copy=False)
+    w = np.asarray(weights)
+    if w.dtype != np.float32:
+        w = w.astype(np.float64, copy=False)
     m = len(indptr) - 1
     if m < 0 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != len(indices):
         raise DataError(f"indptr must start at 0, be non-decreasing and end at len(indices)="
@@ -69,14 +76,15 @@ def aggregate_rows(
         age = np.repeat(last, counts) - t
         factor = np.where(np.isfinite(age), 0.5 ** (age / half_life_seconds), 1.0)
         w = w * factor
-    known = indices >= 0
-    rows_unknown = np.repeat(np.arange(m, dtype=np.int64), counts)[~known] if not known.all() else []
+    rows_unknown = []
+    if len(indices) and indices.min() < 0:
+        rows_unknown = np.repeat(np.arange(m, dtype=np.int64), counts)[indices < 0]
     unknown = np.bincount(rows_unknown, minlength=m).astype(np.int64)
     out_indptr = np.empty(m + 1, dtype=np.int64)
-    cols = np.empty(int(known.sum()), dtype=np.int64)
-    sums = np.empty(len(cols), dtype=np.float64)
+    cols = np.empty(len(indices), dtype=np.int32)
+    sums = np.empty(len(indices), dtype=np.float32)
     n = sum_rows_by_item(indptr, indices, w, out_indptr, cols, sums)
-    return out_indptr, cols[:n].astype(np.int32), sums[:n].astype(np.float32), unknown
+    return out_indptr, cols[:n], sums[:n], unknown
 
 
 def row_entries(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:

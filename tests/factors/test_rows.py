@@ -63,6 +63,23 @@ def test_sum_rows_kernel_equals_numpy_reference(rows):
     np.testing.assert_allclose(w, w_ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize("index_dtype,weight_dtype", [(np.int32, np.float32), (np.int64, np.float64),
+                                                      (np.int32, np.float64), (np.int16, np.float16)])
+def test_aggregate_rows_sums_in_float64_whatever_the_input_dtypes(index_dtype, weight_dtype):
+    rng = np.random.default_rng(5)
+    indptr = np.array([0, 300, 300, 301, 900], np.int64)
+    indices = rng.integers(-1, 200, 900).astype(index_dtype)
+    weights = (rng.random(900) * 10).astype(weight_dtype)
+    p, i, w, unknown = aggregate_rows(indptr, indices, weights)
+    # What widening everything first gives: float64 sums, rounded to float32 at the end.
+    p_ref, i_ref, w_ref = np.empty(5, np.int64), np.empty(900, np.int64), np.empty(900)
+    n = kernels.sum_rows_by_item(indptr, indices.astype(np.int64), weights.astype(np.float64), p_ref, i_ref, w_ref)
+    assert i.dtype == np.int32 and w.dtype == np.float32
+    assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref[:n])
+    assert np.array_equal(w, w_ref[:n].astype(np.float32))
+    assert unknown.tolist() == [int((indices[a:b] < 0).sum()) for a, b in zip(indptr[:-1], indptr[1:])]
+
+
 def test_sum_rows_kernel_orders_items_across_bitmap_words():
     # Items on both sides of 64-bit word boundaries, the largest index last, repeats.
     items = np.array([4095, 64, 63, 0, 128, 127, 4095, 64, 1, 2000], np.int64)
