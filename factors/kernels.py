@@ -526,7 +526,7 @@ def solve_rows_exact(indptr, indices, conf, Y, G, Z, Linv, out, unknown, woodbur
                          out, unknown, wmax)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def solve_rows_exact_serial(indptr, indices, conf, Y, G, Z, Linv, out, unknown, woodbury_max):
     """:func:`solve_rows_exact` on the calling thread alone.
 
@@ -890,7 +890,7 @@ def _trailing_zeros(x):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sum_rows_by_item(indptr, indices, weights, out_indptr, out_indices, out_weights):
     """Per row, the distinct known items (ascending) and their summed weights.
 
