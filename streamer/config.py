@@ -66,6 +66,7 @@ class ProcessingConfig:
     history_cap: int = 1_000
     history_cache_events: int = 2_000_000
     gram_cache_bytes: int = 64 * 2**20
+    apply_threads: int = 2
     max_id_bytes: int = 256
     default_weight: float = 1.0
     event_weights: Mapping[str, float] = field(
@@ -83,6 +84,8 @@ class ProcessingConfig:
                  f"processing.history_cache_events must be >= 0, got {self.history_cache_events}")
         _require(self.gram_cache_bytes >= 0,
                  f"processing.gram_cache_bytes must be >= 0, got {self.gram_cache_bytes}")
+        _require(1 <= self.apply_threads <= 64,
+                 f"processing.apply_threads must be in 1..64, got {self.apply_threads}")
         _require(self.max_id_bytes >= 1,
                  f"processing.max_id_bytes must be >= 1, got {self.max_id_bytes}")
         _require(self.default_weight >= 0,

@@ -56,16 +56,17 @@ class LoadedModel:
 
     def fold_rows(self, indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
                   times: np.ndarray, *, keys: Sequence[str] | None = None,
-                  grams: GramCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  grams: GramCache | None = None, serial: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`fold` of histories given as columns: row ``r`` owns events
         ``indptr[r]:indptr[r+1]``, ``indices`` their :meth:`item_indices`.
 
         With ``grams`` (from :meth:`gram_cache`) and ``keys`` (the users, one per row), long
-        histories are solved from their cached normal equations, updated by what changed.
-
-        Solved on the calling thread: a micro-batch is a few hundred users, for which
-        waking numba's thread pool costs more than it saves, and its spinning threads
-        take the CPU the Kafka clients' threads (and, on a small host, the broker) need.
+        histories are solved from their cached normal equations, updated by what changed;
+        ``serial`` goes to :meth:`GramCache.solve` (None: only a batch of thousands of
+        users wakes numba's thread pool). Without ``grams`` the rows are solved on the
+        calling thread: a micro-batch is a few hundred users, for which waking the pool
+        costs more than it saves, and its spinning threads take the CPU the Kafka clients'
+        threads (and, on a small host, the broker) need.
         """
         if grams is None:
             return fold_in_rows(self.solver, indptr, indices, weights, times,
@@ -74,7 +75,7 @@ class LoadedModel:
             raise ValueError(f"the Gram cache belongs to another model than {self.version}")
         agg_indptr, agg_indices, agg_weights, unknown = aggregate_rows(
             indptr, indices, weights, times, self.params.half_life_seconds)
-        return grams.solve(keys, agg_indptr, agg_indices, agg_weights), unknown
+        return grams.solve(keys, agg_indptr, agg_indices, agg_weights, serial=serial), unknown
 
     def gram_cache(self, max_bytes: int) -> GramCache | None:
         """A :class:`GramCache` for :meth:`fold_rows` of at most ``max_bytes``; None when it

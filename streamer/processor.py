@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -115,9 +116,14 @@ class PartitionProcessor:
         self.config = config
         self.decoder = EventDecoder(config)
         self.cache_events = config.history_cache_events if cache_events is None else cache_events
+        # Per store (a partition's state is touched by one thread at a time): its history
+        # cache, its normal-equation cache (model, memory budget, cache) and when drift last
+        # sampled it. Entries are made by _prepare on the calling thread.
         self._caches: weakref.WeakKeyDictionary[PartitionStore, HistoryCache] = weakref.WeakKeyDictionary()
-        self._grams: tuple[LoadedModel | None, GramCache | None] = (None, None)
+        self._grams: weakref.WeakKeyDictionary[PartitionStore, tuple[LoadedModel, int, GramCache | None]] = \
+            weakref.WeakKeyDictionary()
         self._sampled: weakref.WeakKeyDictionary[PartitionStore, float] = weakref.WeakKeyDictionary()
+        self._pool: ThreadPoolExecutor | None = None
 
     def decode(self, store: PartitionStore, records: Sequence[RawRecord]) -> tuple[list, BatchOutcome]:
         """Steps 1-2: the records still to apply, decoded, and the rejections among them.
@@ -144,9 +150,42 @@ class PartitionProcessor:
         outcome.last_offset = offsets[-1]
         return decoded, outcome
 
+    def apply_many(self, work: Sequence[tuple[PartitionStore, list, BatchOutcome, LoadedModel]]
+                   ) -> list[BatchOutcome]:
+        """:meth:`apply` for the batches of several partitions (distinct stores), on up to
+        ``apply_threads`` threads; the outcomes in the order of ``work``.
+
+        The partitions share nothing but the read-only model: each has its own store,
+        history cache and normal-equation cache, and each batch is its own WriteBatch, so
+        they run side by side wherever their kernels and RocksDB calls release the GIL
+        (most of the fold, parse, merge and write). Their solves then stay on their own
+        thread (no nested numba thread pool). Returns when every batch is done; the first
+        error, in the order of ``work``, is raised then (the other batches are written or
+        not, each whole, as after a crash).
+        """
+        for store, _, _, model in work:
+            self._prepare(store, model)
+        if len(work) < 2 or self.config.apply_threads < 2:
+            return [self.apply(*item) for item in work]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.apply_threads, thread_name_prefix="foldstream-apply")
+        futures = [self._pool.submit(self.apply, *item, serial=True) for item in work]
+        wait(futures)
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        """Stop the worker threads of :meth:`apply_many` (idempotent)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def apply(self, store: PartitionStore, decoded: list, outcome: BatchOutcome,
-              model: LoadedModel) -> BatchOutcome:
-        """Steps 3-6 for events returned by :meth:`decode` (rejections already dead-lettered)."""
+              model: LoadedModel, *, serial: bool | None = None) -> BatchOutcome:
+        """Steps 3-6 for events returned by :meth:`decode` (rejections already dead-lettered).
+
+        ``serial``: solve on the calling thread (True), or let a large batch use numba's
+        thread pool (None, see :meth:`factors.gram_cache.GramCache.solve`).
+        """
         if outcome.last_offset < 0:
             return outcome
         # Step 3: the batch's interactions in columns, each tagged with its user's index
@@ -185,7 +224,7 @@ class PartitionProcessor:
         # call. A user missing from the cache is read from the store (checked:
         # parse_histories trusts its input) and its items looked up once the batch's
         # columns are parsed.
-        cache = self._cache(store, model)
+        cache, grams = self._prepare(store, model)
         reset_l = reset.tolist()
         cached = cache.lookup(users)
         stored = store.get_raw_histories([u for u, r, c in zip(users, reset_l, cached)
@@ -266,14 +305,14 @@ class PartitionProcessor:
         # A sample is enough for the cosine-shift histogram; reading every updated user's
         # vector would add a RocksDB multi-get of the whole batch to the hot path.
         now = time.monotonic()
-        if changed_users and now - self._sampled.get(store, -np.inf) >= DRIFT_SAMPLE_INTERVAL_S:
+        if changed_users and now - self._sampled[store] >= DRIFT_SAMPLE_INTERVAL_S:
             self._sampled[store] = now
             outcome.previous_vectors = store.get_factors(changed_users[:DRIFT_SAMPLE_USERS], model.version)
 
         # Step 5: one exact solve for every changed user.
         started = time.perf_counter()
         vectors, unknown = model.fold_rows(merged.ptr, rows, merged.weights, merged.times,
-                                           keys=changed_users, grams=self._gram_cache(model))
+                                           keys=changed_users, grams=grams, serial=serial)
         outcome.fold_seconds = time.perf_counter() - started
         outcome.unknown_item_events = int(unknown.sum())
         # A changed user has events (a user left with none is deleted): its newest is its last.
@@ -340,31 +379,41 @@ class PartitionProcessor:
             hashes.append(event.event_id_hash)
         return users, forget_at, seg, items, weights, times, hashes
 
-    def _cache(self, store: PartitionStore, model: LoadedModel) -> "HistoryCache":
+    def _prepare(self, store: PartitionStore, model: LoadedModel) -> tuple["HistoryCache", GramCache | None]:
+        """The store's history cache and normal-equation cache for ``model``, made when
+        missing (or made for another model). Both memory budgets are shared by the stores
+        this processor serves: the history cache's bound follows their number at every
+        batch; a normal-equation cache, whose slab is sized once, is made again when it
+        holds more than its share (as the first partitions of a new assignment arrive).
+        An entry holds the row it was built from, so it never needs invalidating."""
         cache = self._caches.get(store)
         if cache is None or cache.model is not model:
             cache = self._caches[store] = HistoryCache(model, self.cache_events)
-        cache.max_events = self.cache_events // len(self._caches)  # one budget for all partitions
-        return cache
+        cache.max_events = self.cache_events // len(self._caches)
+        budget = self.config.gram_cache_bytes // len(self._caches)
+        entry = self._grams.get(store)
+        if entry is None or entry[0] is not model or entry[1] > budget:
+            entry = self._grams[store] = (model, budget, model.gram_cache(budget))
+        if store not in self._sampled:
+            self._sampled[store] = -np.inf
+        return cache, entry[2]
 
-    def _gram_cache(self, model: LoadedModel) -> GramCache | None:
-        """The normal equations of long histories, one cache per model for all partitions
-        (an entry holds the row it was built from, so it never needs invalidating)."""
-        if self._grams[0] is not model:
-            self._grams = (model, model.gram_cache(self.config.gram_cache_bytes))
-        return self._grams[1]
+    def gram_cache(self, store: PartitionStore) -> GramCache | None:
+        """The store's normal-equation cache (None before its first batch or without one)."""
+        entry = self._grams.get(store)
+        return None if entry is None else entry[2]
 
     def gram_cache_counts(self) -> tuple[int, int, int, int]:
-        """(hits, misses, entries, capacity) of the current model's normal-equation cache
-        (all zero before the first fold or without one)."""
-        grams = self._grams[1]
-        if grams is None:
-            return 0, 0, 0, 0
-        return grams.hits, grams.misses, len(grams), grams.capacity
+        """(hits, misses, entries, capacity) of the stores' normal-equation caches, summed
+        (all zero before the first fold or without them)."""
+        caches = [entry[2] for entry in list(self._grams.values()) if entry[2] is not None]
+        return (sum(g.hits for g in caches), sum(g.misses for g in caches), sum(len(g) for g in caches),
+                sum(g.capacity for g in caches))
 
     def forget(self, store: PartitionStore) -> None:
         """Drop what is cached for ``store`` (call when the store is closed)."""
         self._caches.pop(store, None)
+        self._grams.pop(store, None)
         self._sampled.pop(store, None)
 
 

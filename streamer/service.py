@@ -11,7 +11,8 @@ One loop on one thread. Each turn of :meth:`FoldService.run_once`:
    again from the seek position);
 3. decode every partition's new records; send and flush dead letters;
 4. per partition, fold the batch in and write state + outbox + applied offset in ONE
-   RocksDB WriteBatch (:class:`streamer.processor.PartitionProcessor`);
+   RocksDB WriteBatch (:class:`streamer.processor.PartitionProcessor`; the partitions side
+   by side on ``processing.apply_threads`` threads, the turn waiting for all of them);
 5. publish the outbox entries, flush, then delete them from the outbox;
 6. commit the consumed offsets to Kafka explicitly (advisory: for lag monitoring only,
    the applied offset in RocksDB is what decides where processing resumes).
@@ -227,6 +228,7 @@ class FoldService:
         """
         if self.consumer is not None:
             self._commit(sync=True)
+        self.processor.close()  # its threads are idle between turns: nothing is left unwritten
         failed: Exception | None = None
         for tp in list(self.stores):
             try:
@@ -380,9 +382,10 @@ class FoldService:
     # -- models ----------------------------------------------------------------------
     def _apply(self, work: list) -> list[tuple[PartitionStore, BatchOutcome]]:
         """Step 4: each partition's batch against the model of its stored version."""
-        self.last_applied = [(store, self.processor.apply(store, decoded, outcome,
-                                                          self._model_for(store)))
-                             for _, store, decoded, outcome in work]
+        stores = [store for _, store, _, _ in work]
+        outcomes = self.processor.apply_many([(store, decoded, outcome, self._model_for(store))
+                                              for _, store, decoded, outcome in work])
+        self.last_applied = list(zip(stores, outcomes))
         return self.last_applied
 
     def _model_for(self, store: PartitionStore) -> LoadedModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -149,8 +150,8 @@ def test_cached_normal_equations_give_the_vectors_of_a_full_solve(tmp_path, synt
     with PartitionStore.open(tmp_path / "a", "t", 0) as a, PartitionStore.open(tmp_path / "b", "t", 0) as b:
         run(with_grams, a, model, recs, batch=23)
         run(without, b, model, recs, batch=23)
-        grams = with_grams._grams[1]
-        assert grams.hits > 200 and grams.misses > 0 and without._grams[1] is None
+        grams = with_grams.gram_cache(a)
+        assert grams.hits > 200 and grams.misses > 0 and without.gram_cache(b) is None
         histories_a, vectors_a = contents(a)
         histories_b, vectors_b = contents(b)
         assert histories_a == histories_b and vectors_a.keys() == vectors_b.keys()
@@ -163,7 +164,80 @@ def test_cached_normal_equations_give_the_vectors_of_a_full_solve(tmp_path, synt
         other = LoadedModel(ModelRegistry(trained_registry).load())
         more = [r._replace(offset=r.offset + len(recs)) for r in records(synthetic_log, 30, seed=8)]
         run(with_grams, a, other, more, batch=30)
-        assert with_grams._grams[0] is other and with_grams._grams[1] is not grams
+        assert with_grams.gram_cache(a) is not grams and with_grams.gram_cache(a).solver is other.solver
+
+
+def _partitioned(recs: list[RawRecord], partitions: int) -> list[list[RawRecord]]:
+    """``recs`` split by key as a producer would, each partition's offsets from 0."""
+    parts = [[] for _ in range(partitions)]
+    for r in recs:
+        part = parts[zlib.crc32(r.key) % partitions]
+        part.append(r._replace(offset=len(part)))
+    return parts
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_partitions_applied_side_by_side_leave_the_state_of_one_at_a_time(
+        tmp_path, synthetic_log, trained_registry, threads, monkeypatch):
+    # Small and large batches: the large ones would use numba's thread pool on one thread
+    # (SERIAL_MAX_ROWS lowered), side by side they solve on their own threads.
+    monkeypatch.setattr(gram_cache, "SERIAL_MAX_ROWS", 20)
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    parts = _partitioned(records(synthetic_log, 2400, seed=12), 4)
+    config = ProcessingConfig(history_cap=40, apply_threads=threads)
+    side_by_side, one_by_one = PartitionProcessor(config), PartitionProcessor(ProcessingConfig(history_cap=40))
+    states = []
+    for processor, name in [(side_by_side, "a"), (one_by_one, "b")]:
+        stores = [PartitionStore.open(tmp_path / name, "t", p) for p in range(4)]
+        try:
+            done = [0] * 4
+            for size in [5, 60, 7, 200, 3, 400]:
+                work = []
+                for p, store in enumerate(stores):
+                    decoded, outcome = processor.decode(store, parts[p][done[p]:done[p] + size])
+                    work.append((store, decoded, outcome, model))
+                    done[p] += size
+                if processor is side_by_side:
+                    outcomes = processor.apply_many(work)
+                else:
+                    outcomes = [processor.apply(*item) for item in work]
+                assert [o.last_offset for o in outcomes] == [min(d, len(part)) - 1 for d, part in zip(done, parts)]
+            states.append([contents(store) for store in stores])
+            # Each store has a normal-equation cache of its own, a quarter of the budget.
+            assert {processor.gram_cache(store).capacity for store in stores} == {
+                config.gram_cache_bytes // 4 // gram_cache.GramCache.slot_bytes(model.factors)}
+        finally:
+            for store in stores:
+                store.close()
+        processor.close()
+    assert states[0] == states[1]  # histories, and vectors bit for bit
+
+
+def test_a_failing_partition_fails_the_turn_after_the_others_are_written(
+        tmp_path, synthetic_log, trained_registry):
+    from streamer.errors import StoreFormatError
+    from streamer.store import HISTORIES
+
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    parts = _partitioned([r for r in records(synthetic_log, 1200, seed=13) if r.value and r.value.startswith(b"{")], 3)
+    processor = PartitionProcessor(ProcessingConfig(apply_threads=2))
+    stores = [PartitionStore.open(tmp_path, "t", p) for p in range(3)]
+    try:
+        processor.apply_many([(store, *processor.decode(store, part[:100]), model)
+                              for store, part in zip(stores, parts)])
+        damaged = parts[0][100]  # its user's stored history loses a byte
+        cf = stores[0]._live().cf[HISTORIES]
+        cf[damaged.key] = cf[damaged.key][:-1]
+        processor.forget(stores[0])  # nothing cached: the next batch reads the store
+        work = [(store, *processor.decode(store, part[100:101 if p == 0 else 200]), model)
+                for p, (store, part) in enumerate(zip(stores, parts))]
+        with pytest.raises(StoreFormatError):
+            processor.apply_many(work)
+        assert [store.applied_offset() for store in stores] == [99, 199, 199]
+    finally:
+        processor.close()
+        for store in stores:
+            store.close()
 
 
 def _short_sealed(key, sealed, head):
