@@ -76,6 +76,7 @@ class Scenario:
     batch_max_ms: int | None = None
     history_cache_events: int | None = None  # None: the ProcessingConfig default
     gram_cache_bytes: int | None = None
+    apply_threads: int | None = None
     seed: int = 7
 
 
@@ -227,11 +228,13 @@ class StageTimer:
     """Wall time of the stages of ``run_once``, by wrapping the few calls made per batch.
 
     Costs a handful of calls per micro-batch, so unlike a profiler it does not change the
-    numbers. ``apply`` is split further with the fold and write times each batch reports.
+    numbers. ``apply`` (the wall time of a turn's partitions, side by side on
+    ``apply_threads`` threads) is split further with the fold and write times each batch
+    reports, which add up over the threads.
     """
 
     STAGES = (("poll", "consumer", "poll"), ("decode", "processor", "decode"),
-              ("apply", "processor", "apply"), ("send_vectors", "publisher", "send_vectors"),
+              ("apply", "processor", "apply_many"), ("send_vectors", "publisher", "send_vectors"),
               ("flush", "publisher", "flush"))
 
     def __init__(self, service) -> None:
@@ -498,10 +501,18 @@ STAGES = [
 
 
 def profile_cprofile(service, total: int, max_seconds: float, say) -> tuple[dict, list[str]]:
+    # cProfile sees the thread that enabled it only: the partitions are applied on it,
+    # one after another, while profiled.
+    processor = service.processor
+    threaded = processor.config
+    processor.config = replace(threaded, apply_threads=1)
     prof = cProfile.Profile()
     prof.enable()
-    result = drain(service, total, max_seconds, say, "profile")
-    prof.disable()
+    try:
+        result = drain(service, total, max_seconds, say, "profile")
+    finally:
+        prof.disable()
+        processor.config = threaded
     stats = pstats.Stats(prof)
     run_once = _cumtime(stats, "run_once", "streamer/service.py")
     lines = [f"{label:55s} {100 * _cumtime(stats, name, suffix) / run_once:5.1f}%"
@@ -588,7 +599,8 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
         registry, events, n_stream = build(work, sc, say)
         with EmbeddedBroker(work / "broker") as broker:
             processing = {k: getattr(sc, k) for k in ("batch_max_records", "batch_max_ms",
-                                                      "history_cache_events", "gram_cache_bytes")
+                                                      "history_cache_events", "gram_cache_bytes",
+                                                      "apply_threads")
                           if getattr(sc, k) is not None}
             config = AppConfig().replace(
                 kafka={"bootstrap_servers": broker.bootstrap, "input_partitions": sc.partitions,
@@ -690,7 +702,8 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                     tool = "py-spy (sampling, main thread incl. idle)"
                 else:
                     prof, lines = profile_cprofile(service, n, limit, say)
-                    tool = "cProfile (deterministic; inflates Python-heavy stages)"
+                    tool = ("cProfile (deterministic; inflates Python-heavy stages; the partitions "
+                            "applied one at a time, on the profiled thread)")
                 results["profile"] = {"tool": tool, "events_per_s": prof["events_per_s"],
                                       "lines": lines}
                 say(f"profile: {tool}, {prof['events_per_s']:,.0f} events/s under the profiler")
@@ -818,7 +831,8 @@ def markdown(r: dict, quick: bool) -> str:
         f"{sc['partitions']} input partitions; batch_max_records="
         f"{r['processing']['batch_max_records']}, batch_max_ms={r['processing']['batch_max_ms']}, "
         f"history_cache_events={r['processing']['history_cache_events']}, "
-        f"gram_cache_bytes={r['processing']['gram_cache_bytes']}. "
+        f"gram_cache_bytes={r['processing']['gram_cache_bytes']}, "
+        f"apply_threads={r['processing']['apply_threads']}. "
         f"kafka-python CRC32C: {r['crc32c']}.",
         "",
         "| measurement | value | target |",
@@ -867,8 +881,10 @@ def markdown(r: dict, quick: bool) -> str:
         "them (CRC32C of each batch included); `send_vectors` is formatting each vector's JSON (orjson) and handing it "
         "to librdkafka (`produce`; batching, checksums and I/O run on librdkafka's own "
         "threads, outside the GIL); `apply` is history append, "
-        "fold-in and the RocksDB write. `other` in the CPU rows is load from processes that "
-        "are not part of the benchmark.",
+        "fold-in and the RocksDB write, the partitions of a turn side by side on "
+        f"`apply_threads` = {r['processing']['apply_threads']} threads (its wall time; `fold` "
+        "and `write` add up over the threads). `other` in the CPU rows is load from processes "
+        "that are not part of the benchmark.",
     ]
     lines += ["", _throughput_verdict(t)]
     if len(t.get("windows") or []) >= 2:
@@ -968,6 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-max-ms", type=int)
     p.add_argument("--history-cache-events", type=int, help="processing.history_cache_events")
     p.add_argument("--gram-cache-bytes", type=int, help="processing.gram_cache_bytes")
+    p.add_argument("--apply-threads", type=int, help="processing.apply_threads")
     p.add_argument("--consumer", action="append", default=[], metavar="KEY=JSON",
                    help="kafka-python consumer override, e.g. --consumer fetch_min_bytes=65536")
     p.add_argument("--profile", nargs="?", const="auto", choices=["auto", "py-spy", "cprofile"],
@@ -978,7 +995,8 @@ def main(argv: list[str] | None = None) -> int:
     sc = QUICK if args.quick else Scenario()
     changes = {name: getattr(args, name) for name in
                ("backlog", "max_seconds", "rate", "latency_seconds", "users", "items",
-                "batch_max_records", "batch_max_ms", "history_cache_events", "gram_cache_bytes")
+                "batch_max_records", "batch_max_ms", "history_cache_events", "gram_cache_bytes",
+                "apply_threads")
                if getattr(args, name) is not None}
     sc = replace(sc, **changes)
     overrides = {}
