@@ -170,7 +170,11 @@ class PartitionProcessor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.apply_threads, thread_name_prefix="foldstream-apply")
         futures = [self._pool.submit(self.apply, *item, serial=True) for item in work]
-        wait(futures)
+        try:
+            wait(futures)
+        except BaseException:  # (a KeyboardInterrupt) no batch may outlive the turn: the
+            wait(futures)      # caller closes the stores next
+            raise
         return [future.result() for future in futures]
 
     def close(self) -> None:

@@ -240,6 +240,42 @@ def test_a_failing_partition_fails_the_turn_after_the_others_are_written(
             store.close()
 
 
+def test_an_interrupted_turn_returns_only_once_every_partition_is_written(
+        tmp_path, synthetic_log, trained_registry, monkeypatch):
+    import threading
+
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    parts = _partitioned([r for r in records(synthetic_log, 600, seed=14) if r.value and r.value.startswith(b"{")], 3)
+    processor = PartitionProcessor(ProcessingConfig(apply_threads=2))
+    released = threading.Event()
+    apply = processor.apply
+
+    def slow_apply(*args, **kwargs):
+        released.wait(10)
+        return apply(*args, **kwargs)
+    processor.apply = slow_apply
+    waits, real_wait = [], processor_module.wait
+
+    def interrupted_wait(futures):  # Ctrl-C while the turn waits for its batches
+        waits.append(len(futures))
+        if len(waits) == 1:
+            threading.Timer(0.3, released.set).start()
+            raise KeyboardInterrupt
+        return real_wait(futures)
+    monkeypatch.setattr(processor_module, "wait", interrupted_wait)
+    stores = [PartitionStore.open(tmp_path, "t", p) for p in range(3)]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            processor.apply_many([(store, *processor.decode(store, part[:50]), model)
+                                  for store, part in zip(stores, parts)])
+        assert [store.applied_offset() for store in stores] == [49, 49, 49]
+    finally:
+        released.set()
+        processor.close()
+        for store in stores:
+            store.close()
+
+
 def _short_sealed(key, sealed, head):
     return {key: sealed[:-1]}
 
