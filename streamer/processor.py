@@ -116,13 +116,9 @@ class PartitionProcessor:
         self.config = config
         self.decoder = EventDecoder(config)
         self.cache_events = config.history_cache_events if cache_events is None else cache_events
-        # Per store (a partition's state is touched by one thread at a time): its history
-        # cache, its normal-equation cache (model, memory budget, cache) and when drift last
-        # sampled it. Entries are made by _prepare on the calling thread.
-        self._caches: weakref.WeakKeyDictionary[PartitionStore, HistoryCache] = weakref.WeakKeyDictionary()
-        self._grams: weakref.WeakKeyDictionary[PartitionStore, tuple[LoadedModel, int, GramCache | None]] = \
-            weakref.WeakKeyDictionary()
-        self._sampled: weakref.WeakKeyDictionary[PartitionStore, float] = weakref.WeakKeyDictionary()
+        # What is kept per store (a partition's batch runs on one thread at a time), made
+        # by _prepare on the calling thread.
+        self._partitions: weakref.WeakKeyDictionary[PartitionStore, _Partition] = weakref.WeakKeyDictionary()
         self._pool: ThreadPoolExecutor | None = None
 
     def decode(self, store: PartitionStore, records: Sequence[RawRecord]) -> tuple[list, BatchOutcome]:
@@ -163,7 +159,7 @@ class PartitionProcessor:
         error, in the order of ``work``, is raised then (the other batches are written or
         not, each whole, as after a crash).
         """
-        for store, _, _, model in work:
+        for store, _, _, model in work:  # every store counted before a cache is sized
             self._prepare(store, model)
         if len(work) < 2 or self.config.apply_threads < 2:
             return [self.apply(*item) for item in work]
@@ -228,7 +224,8 @@ class PartitionProcessor:
         # call. A user missing from the cache is read from the store (checked:
         # parse_histories trusts its input) and its items looked up once the batch's
         # columns are parsed.
-        cache, grams = self._prepare(store, model)
+        partition = self._prepare(store, model)
+        cache = partition.history
         reset_l = reset.tolist()
         cached = cache.lookup(users)
         stored = store.get_raw_histories([u for u, r, c in zip(users, reset_l, cached)
@@ -309,14 +306,14 @@ class PartitionProcessor:
         # A sample is enough for the cosine-shift histogram; reading every updated user's
         # vector would add a RocksDB multi-get of the whole batch to the hot path.
         now = time.monotonic()
-        if changed_users and now - self._sampled[store] >= DRIFT_SAMPLE_INTERVAL_S:
-            self._sampled[store] = now
+        if changed_users and now - partition.sampled_at >= DRIFT_SAMPLE_INTERVAL_S:
+            partition.sampled_at = now
             outcome.previous_vectors = store.get_factors(changed_users[:DRIFT_SAMPLE_USERS], model.version)
 
         # Step 5: one exact solve for every changed user.
         started = time.perf_counter()
         vectors, unknown = model.fold_rows(merged.ptr, rows, merged.weights, merged.times,
-                                           keys=changed_users, grams=grams, serial=serial)
+                                           keys=changed_users, grams=partition.grams, serial=serial)
         outcome.fold_seconds = time.perf_counter() - started
         outcome.unknown_item_events = int(unknown.sum())
         # A changed user has events (a user left with none is deleted): its newest is its last.
@@ -383,42 +380,53 @@ class PartitionProcessor:
             hashes.append(event.event_id_hash)
         return users, forget_at, seg, items, weights, times, hashes
 
-    def _prepare(self, store: PartitionStore, model: LoadedModel) -> tuple["HistoryCache", GramCache | None]:
-        """The store's history cache and normal-equation cache for ``model``, made when
-        missing (or made for another model). Both memory budgets are shared by the stores
-        this processor serves: the history cache's bound follows their number at every
-        batch; a normal-equation cache, whose slab is sized once, is made again when it
-        holds more than its share (as the first partitions of a new assignment arrive).
-        An entry holds the row it was built from, so it never needs invalidating."""
-        cache = self._caches.get(store)
-        if cache is None or cache.model is not model:
-            cache = self._caches[store] = HistoryCache(model, self.cache_events)
-        cache.max_events = self.cache_events // len(self._caches)
-        budget = self.config.gram_cache_bytes // len(self._caches)
-        entry = self._grams.get(store)
-        if entry is None or entry[0] is not model or entry[1] > budget:
-            entry = self._grams[store] = (model, budget, model.gram_cache(budget))
-        if store not in self._sampled:
-            self._sampled[store] = -np.inf
-        return cache, entry[2]
+    def _prepare(self, store: PartitionStore, model: LoadedModel) -> "_Partition":
+        """The store's caches for ``model``, made when missing (or made for another model).
+        Both memory budgets are shared by the stores this processor serves: the history
+        cache's bound follows their number at every batch; a normal-equation cache, whose
+        slab is sized once, is made again when it holds more than its share (as the first
+        partitions of a new assignment arrive). An entry of either holds what it was built
+        from, so neither needs invalidating."""
+        partition = self._partitions.get(store)
+        if partition is None:
+            partition = self._partitions[store] = _Partition()
+        share = len(self._partitions)
+        if partition.history is None or partition.history.model is not model:
+            partition.history = HistoryCache(model, self.cache_events)
+        partition.history.max_events = self.cache_events // share
+        budget = self.config.gram_cache_bytes // share
+        if partition.grams_model is not model or partition.grams_budget > budget:
+            partition.grams = model.gram_cache(budget)
+            partition.grams_model, partition.grams_budget = model, budget
+        return partition
 
     def gram_cache(self, store: PartitionStore) -> GramCache | None:
         """The store's normal-equation cache (None before its first batch or without one)."""
-        entry = self._grams.get(store)
-        return None if entry is None else entry[2]
+        partition = self._partitions.get(store)
+        return None if partition is None else partition.grams
 
     def gram_cache_counts(self) -> tuple[int, int, int, int]:
         """(hits, misses, entries, capacity) of the stores' normal-equation caches, summed
         (all zero before the first fold or without them)."""
-        caches = [entry[2] for entry in list(self._grams.values()) if entry[2] is not None]
+        caches = [p.grams for p in list(self._partitions.values()) if p.grams is not None]
         return (sum(g.hits for g in caches), sum(g.misses for g in caches), sum(len(g) for g in caches),
                 sum(g.capacity for g in caches))
 
     def forget(self, store: PartitionStore) -> None:
         """Drop what is cached for ``store`` (call when the store is closed)."""
-        self._caches.pop(store, None)
-        self._grams.pop(store, None)
-        self._sampled.pop(store, None)
+        self._partitions.pop(store, None)
+
+
+@dataclass(eq=False)
+class _Partition:
+    """What a processor keeps for one store: its history cache and normal-equation cache
+    (each tied to one model), and when drift last sampled its previous vectors."""
+
+    history: "HistoryCache | None" = None
+    grams: GramCache | None = None
+    grams_model: LoadedModel | None = None
+    grams_budget: int = 0
+    sampled_at: float = -np.inf
 
 
 _EMPTY_BLOB = encode_history(UserHistory.empty())

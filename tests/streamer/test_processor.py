@@ -68,7 +68,7 @@ def test_cached_histories_give_the_same_state_as_reading_the_store(tmp_path, syn
         out_a = run(cached, a, model, recs, batch=97)
         out_b = run(uncached, b, model, recs, batch=97)
         assert contents(a) == contents(b)
-        assert len(cached._caches[a]) > 0 and len(uncached._caches[b]) == 0
+        assert len(cached._partitions[a].history) > 0 and len(uncached._partitions[b].history) == 0
         for x, y in zip(out_a, out_b):
             assert (x.applied, x.duplicates, x.evicted, x.forgotten, x.users_updated,
                     x.unknown_item_events, len(x.rejected)) == \
@@ -84,11 +84,11 @@ def test_cached_histories_give_the_same_state_as_reading_the_store(tmp_path, syn
             assert vectors[user][0] == reference[row].tobytes()
 
         # Cached entries are bytes of their own: a view would keep a whole batch's arrays alive.
-        for entry in cached._caches[a]._entries.values():
+        for entry in cached._partitions[a].history._entries.values():
             assert all(type(part) is bytes for part in entry if not isinstance(part, int))
 
         cached.forget(a)
-        assert a not in cached._caches
+        assert a not in cached._partitions
 
 
 def test_the_cache_keeps_to_its_bound_and_is_tied_to_one_model(tmp_path, synthetic_log,
@@ -99,12 +99,12 @@ def test_the_cache_keeps_to_its_bound_and_is_tied_to_one_model(tmp_path, synthet
     recs = records(synthetic_log, 1510, seed=1)
     with PartitionStore.open(tmp_path, "t", 0) as store:
         run(processor, store, model, recs[:1500], batch=100)
-        cache = processor._caches[store]
+        cache = processor._partitions[store].history
         assert 0 < cache._events <= 200
         other = LoadedModel(registry.load())  # same version, another object: indices redone
         run(processor, store, other, recs[1500:], batch=10)
-        assert processor._caches[store] is not cache
-        assert processor._caches[store].model is other
+        assert processor._partitions[store].history is not cache
+        assert processor._partitions[store].history.model is other
 
 
 def test_drift_samples_previous_vectors_at_most_once_per_interval_per_partition(
