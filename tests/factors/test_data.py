@@ -141,6 +141,8 @@ def test_movielens_header_is_detected():
 
 
 def test_reads_real_movielens_latest_small():
+    assert MOVIELENS.is_file(), (f"MovieLens latest-small is expected at {MOVIELENS} (../shared/data "
+                                 "beside the checkout, see the README); it is never downloaded")
     inter, report = read_interactions(MOVIELENS)
     assert len(inter) == report.rows == 100_004
     assert len(inter.user_ids) == 671 and len(inter.item_ids) == 9066
