@@ -67,6 +67,7 @@ class ProcessingConfig:
     history_cache_events: int = 2_000_000
     gram_cache_bytes: int = 64 * 2**20
     apply_threads: int = 2
+    poll_while_applying: bool = True
     max_id_bytes: int = 256
     default_weight: float = 1.0
     event_weights: Mapping[str, float] = field(

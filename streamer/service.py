@@ -1,6 +1,6 @@
 """The consumer service: Kafka -> exact fold-in -> RocksDB -> published vectors.
 
-One loop on one thread. Each turn of :meth:`FoldService.run_once`:
+One loop thread, and a turn thread beside it. Each turn of :meth:`FoldService.run_once`:
 
 1. ``poll`` up to ``batch_max_records`` records or ``batch_max_ms``;
 2. apply assignment changes recorded by the rebalance listener (which only records them,
@@ -16,6 +16,17 @@ One loop on one thread. Each turn of :meth:`FoldService.run_once`:
 5. publish the outbox entries, flush, then delete them from the outbox;
 6. commit the consumed offsets to Kafka explicitly (advisory: for lag monitoring only,
    the applied offset in RocksDB is what decides where processing resumes).
+
+Steps 4-5 run on the turn thread while the loop thread polls the next turn's records
+(``processing.poll_while_applying``, default on): the fetch, which waits on the broker,
+overlaps the fold-in instead of adding to it, so a record waits for about one turn before
+it is applied instead of two. At most one turn is in flight, and the loop waits for it
+(:meth:`FoldService.settle`) right after its poll returns, before anything else touches
+the stores, the publisher or the consumer: steps 2-3 and 6, dead letters, model switches
+and closing see no turn in flight, so the two threads share only the poll's time.
+The store's LOCK keeps the exactly-once argument as it is: a partition revoked during the
+poll is closed only once its turn is written, and whoever takes it over opens the store
+then and resumes after the applied offset.
 
 A crash between any two steps loses nothing and applies nothing twice: before step 4's
 write Kafka redelivers the records; after it, the applied offset skips them and the
@@ -36,6 +47,7 @@ import gc
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -170,6 +182,10 @@ class FoldService:
         self._assignments = _AssignmentLog()
         self.consumer = None
         self.publisher: Publisher | None = None
+        # The turn in flight when turns overlap: (its apply-and-publish, the group
+        # generation its records were polled under), and the thread that runs it.
+        self._pending: tuple[Future, tuple[int, str]] | None = None
+        self._turns: ThreadPoolExecutor | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def stop(self) -> None:
@@ -179,6 +195,12 @@ class FoldService:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def turn_in_flight(self) -> bool:
+        """Whether a turn is being applied and published in the background (until the
+        next :meth:`run_once` or :meth:`settle` finishes it)."""
+        return self._pending is not None
 
     def start(self) -> None:
         _tune_gc()
@@ -226,10 +248,18 @@ class FoldService:
         error state: "Writer has previous error") does not stop the others or the clients
         from closing; its error is raised at the end, or only logged with ``best_effort``.
         """
+        failed: Exception | None = None
+        try:
+            self.settle()  # the turn in flight is written and published before anything closes
+        except Exception as exc:  # noqa: BLE001 - close the rest, then report
+            log.error("the last turn failed: %s", exc)
+            failed = exc
+        if self._turns is not None:
+            self._turns.shutdown(wait=True)
+            self._turns = None
         if self.consumer is not None:
             self._commit(sync=True)
         self.processor.close()  # its threads are idle between turns: nothing is left unwritten
-        failed: Exception | None = None
         for tp in list(self.stores):
             try:
                 self._close_store(tp)
@@ -253,8 +283,18 @@ class FoldService:
 
     # -- one turn of the loop --------------------------------------------------------
     def run_once(self) -> list[BatchOutcome]:
+        """One turn: poll, finish the turn before (if one is in flight), then decode this
+        turn's records and apply them, in the background when ``poll_while_applying``.
+
+        Returns the outcomes of the turn finished during this call: the previous one when
+        turns overlap (empty while nothing was in flight), else this one.
+        """
         p = self.config.processing
         polled = self.consumer.poll(timeout_ms=p.batch_max_ms, max_records=p.batch_max_records)
+        # Everything below runs with no turn in flight: the stores, the publisher's error
+        # state and the consumer are touched by one thread at a time.
+        settled = self._pending is not None
+        outcomes = self.settle()
         fresh = self._apply_assignment_changes()
         if self._fetch_wait is not None:
             self._fetch_wait.after_poll(sum(map(len, polled.values())), self._behind_log_end)
@@ -276,10 +316,47 @@ class FoldService:
         if rejected:
             self.publisher.flush()
 
-        applied = self._apply(self._still_member(work, generation))
-        outcomes = [outcome for _, outcome in applied]
+        # Each partition's batch against the model of its stored version.
+        batches = [(store, decoded, outcome, self._model_for(store))
+                   for _, store, decoded, outcome in self._still_member(work, generation)]
+        if batches and p.poll_while_applying:
+            if self._turns is None:
+                self._turns = ThreadPoolExecutor(1, thread_name_prefix="foldstream-turn")
+            self._pending = (self._turns.submit(self._apply_and_publish, batches), generation)
+        elif batches or not settled:  # (a turn finished above already did the rest)
+            outcomes = self._finish(self._apply_and_publish(batches), generation)
+        return outcomes
 
+    def settle(self) -> list[BatchOutcome]:
+        """Wait for the turn in flight, if any, and finish it: switch a stale partition,
+        commit offsets, count, call ``on_batch``. Its outcomes (empty when none was in
+        flight); its error, if it failed, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        future, generation = pending
+        try:
+            applied = future.result()
+        except BaseException:
+            if not future.done():  # interrupted (Ctrl-C): close() waits for it and finishes it
+                self._pending = pending
+            raise
+        return self._finish(applied, generation)
+
+    def _apply_and_publish(self, batches: list) -> list[tuple[PartitionStore, BatchOutcome]]:
+        """Steps 4-5 of a turn (on the turn thread when turns overlap: it touches only the
+        batches' stores, the processor and the publisher, while the loop thread polls)."""
+        if not batches:
+            return []
+        outcomes = self.processor.apply_many(batches)
+        applied = [(batch[0], outcome) for batch, outcome in zip(batches, outcomes)]
         self._publish(applied)
+        return applied
+
+    def _finish(self, applied: list[tuple[PartitionStore, BatchOutcome]],
+                generation: tuple[int, str]) -> list[BatchOutcome]:
+        self.last_applied = applied
+        outcomes = [outcome for _, outcome in applied]
         if self._generation() == generation:
             self._switch_step()
         self._commit(sync=False)
@@ -380,14 +457,6 @@ class FoldService:
             store.close()
 
     # -- models ----------------------------------------------------------------------
-    def _apply(self, work: list) -> list[tuple[PartitionStore, BatchOutcome]]:
-        """Step 4: each partition's batch against the model of its stored version."""
-        stores = [store for _, store, _, _ in work]
-        outcomes = self.processor.apply_many([(store, decoded, outcome, self._model_for(store))
-                                              for _, store, decoded, outcome in work])
-        self.last_applied = list(zip(stores, outcomes))
-        return self.last_applied
-
     def _model_for(self, store: PartitionStore) -> LoadedModel:
         version = store.model_version()
         if version is None or version == self.model.version:

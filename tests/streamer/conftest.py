@@ -73,6 +73,7 @@ def run_until(service: FoldService, done: Callable[[FoldService], bool], timeout
         if time.monotonic() > deadline:
             raise AssertionError(f"service did not get there in {timeout_s}s: {service.stats}")
         service.run_once()
+    service.settle()  # a turn polled after the one that got there may still be in flight
 
 
 def offline_vectors(registry_dir: Path, events: list[dict]) -> dict[str, np.ndarray]:
