@@ -77,6 +77,7 @@ class Scenario:
     history_cache_events: int | None = None  # None: the ProcessingConfig default
     gram_cache_bytes: int | None = None
     apply_threads: int | None = None
+    poll_while_applying: bool | None = None
     seed: int = 7
 
 
@@ -230,19 +231,23 @@ class StageTimer:
     Costs a handful of calls per micro-batch, so unlike a profiler it does not change the
     numbers. ``apply`` (the wall time of a turn's partitions, side by side on
     ``apply_threads`` threads) is split further with the fold and write times each batch
-    reports, which add up over the threads.
+    reports, which add up over the threads. With ``poll_while_applying`` the turn thread
+    runs ``apply``, ``send_vectors`` and ``flush`` while the loop thread polls; ``settle``
+    is the loop thread's wait for it (and the turn's offset commit and bookkeeping).
     """
 
     STAGES = (("poll", "consumer", "poll"), ("decode", "processor", "decode"),
+              ("settle", "service", "settle"),
               ("apply", "processor", "apply_many"), ("send_vectors", "publisher", "send_vectors"),
               ("flush", "publisher", "flush"))
+    TURN_STAGES = ("apply", "send_vectors", "flush")
 
     def __init__(self, service) -> None:
         self.seconds = {name: 0.0 for name, _, _ in self.STAGES}
         self.seconds.update(fold=0.0, write=0.0)
         self._installed = []
         for name, owner, method in self.STAGES:
-            target = getattr(service, owner)
+            target = service if owner == "service" else getattr(service, owner)
             setattr(target, method, self._timed(name, getattr(target, method)))
             self._installed.append((target, method))
         self.service = service
@@ -257,6 +262,16 @@ class StageTimer:
             finally:
                 seconds[name] += time.perf_counter() - t
         return timed
+
+    def stages(self, seconds: float) -> dict[str, float]:
+        """The stages' seconds and ``other``: the loop thread's wall time in none of them
+        (the turn thread's stages overlap the loop's when turns overlap)."""
+        stages = dict(self.seconds)
+        overlap = self.service.config.processing.poll_while_applying
+        stages["other"] = seconds - sum(v for k, v in stages.items() if k not in ("fold", "write")
+                                        and not (overlap and k in self.TURN_STAGES))
+        stages["overlap"] = float(overlap)
+        return stages
 
     def on_batch(self, outcomes) -> None:
         for o in outcomes:
@@ -389,14 +404,14 @@ def drain(service, total: int, max_seconds: float, say, label: str) -> dict:
             folded[:] = [0, 0]
             last_t, last_n = now, s.consumed
             say(f"  {label}: {s.consumed - base:,} / {total:,} ({windows[-1]:,.0f}/s)")
+    service.settle()  # the turn still in flight, if any, is counted too
     seconds = time.monotonic() - first
     cpu = time.process_time() - cpu0
     timer.remove()
     gc_pause.remove()
     service.on_batch = None
     consumed = s.consumed - base
-    stages = dict(timer.seconds)
-    stages["other"] = seconds - sum(v for k, v in stages.items() if k not in ("fold", "write"))
+    stages = timer.stages(seconds)
     stages["gc"] = gc_pause.seconds  # inside the stages above
     return {"records": consumed, "seconds": seconds, "events_per_s": consumed / seconds,
             "cpu_us_per_event": 1e6 * cpu / max(1, consumed),
@@ -500,19 +515,38 @@ STAGES = [
 ]
 
 
+def on_one_thread(service):
+    """Context: the service applies its turns on the loop thread, the partitions one after
+    another (profilers that see the loop thread only then see all of a turn)."""
+    return _OneThread(service)
+
+
+class _OneThread:
+    def __init__(self, service) -> None:
+        self.service = service
+
+    def __enter__(self):
+        s = self.service
+        self.saved = s.config, s.processor.config
+        s.settle()
+        s.config = s.config.replace(processing={"poll_while_applying": False})
+        s.processor.config = replace(s.processor.config, apply_threads=1)
+        return s
+
+    def __exit__(self, *exc) -> None:
+        self.service.config, self.service.processor.config = self.saved
+
+
 def profile_cprofile(service, total: int, max_seconds: float, say) -> tuple[dict, list[str]]:
-    # cProfile sees the thread that enabled it only: the partitions are applied on it,
-    # one after another, while profiled.
-    processor = service.processor
-    threaded = processor.config
-    processor.config = replace(threaded, apply_threads=1)
+    # cProfile sees the thread that enabled it only: the turns are applied on it, the
+    # partitions one after another, while profiled.
     prof = cProfile.Profile()
-    prof.enable()
-    try:
-        result = drain(service, total, max_seconds, say, "profile")
-    finally:
-        prof.disable()
-        processor.config = threaded
+    with on_one_thread(service):
+        prof.enable()
+        try:
+            result = drain(service, total, max_seconds, say, "profile")
+        finally:
+            prof.disable()
     stats = pstats.Stats(prof)
     run_once = _cumtime(stats, "run_once", "streamer/service.py")
     lines = [f"{label:55s} {100 * _cumtime(stats, name, suffix) / run_once:5.1f}%"
@@ -546,7 +580,8 @@ def profile_pyspy(pyspy: str, service, total: int, max_seconds: float, out: Path
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     try:
-        result = drain(service, total, max_seconds, say, "profile")
+        with on_one_thread(service):  # the stages are counted in the loop thread's stacks
+            result = drain(service, total, max_seconds, say, "profile")
     finally:
         spy.send_signal(2)
         spy.wait(30)
@@ -600,7 +635,7 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
         with EmbeddedBroker(work / "broker") as broker:
             processing = {k: getattr(sc, k) for k in ("batch_max_records", "batch_max_ms",
                                                       "history_cache_events", "gram_cache_bytes",
-                                                      "apply_threads")
+                                                      "apply_threads", "poll_while_applying")
                           if getattr(sc, k) is not None}
             config = AppConfig().replace(
                 kafka={"bootstrap_servers": broker.bootstrap, "input_partitions": sc.partitions,
@@ -780,6 +815,7 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
         if now - started > sc.latency_seconds + sc.warmup + 30:
             say("  latency: the consumer cannot keep up; stopped 30 s after the producer's end")
             break
+    service.settle()
     cpu = meter.stop()
     seconds = time.monotonic() - measured_from[0]
     fetch = {}
@@ -794,8 +830,7 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
     t0, n0, b0, v0 = measured_from
     consumed = max(1, s.consumed - n0)
-    stages = dict(timer.seconds)
-    stages["other"] = seconds - sum(v for k, v in stages.items() if k not in ("fold", "write"))
+    stages = timer.stages(seconds)
     return {"rate": sc.rate, "events": int(values.size), "p50_ms": float(p50),
             "stage_us_per_event": {k: 1e6 * v / consumed for k, v in stages.items()},
             "records_per_batch": consumed / max(1, s.batches - b0),
@@ -808,10 +843,15 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
 
 def _stages(t: dict) -> str:
     st = t["stage_us_per_event"]
-    return (f"poll {st['poll']:.1f}, decode {st['decode']:.1f}, apply {st['apply']:.1f} "
-            f"(fold {st['fold']:.1f}, write {st['write']:.1f}), send_vectors {st['send_vectors']:.1f}, "
-            f"flush {st['flush']:.1f}, other {st['other']:.1f}"
-            + (f"; of all these, garbage collection {st['gc']:.1f}" if "gc" in st else ""))
+    turn = (f"apply {st['apply']:.1f} (fold {st['fold']:.1f}, write {st['write']:.1f}), "
+            f"send_vectors {st['send_vectors']:.1f}, flush {st['flush']:.1f}")
+    gc_ = f"; of all these, garbage collection {st['gc']:.1f}" if "gc" in st else ""
+    if st.get("overlap"):
+        return (f"loop thread: poll {st['poll']:.1f}, decode {st['decode']:.1f}, waiting for the "
+                f"turn thread {st['settle']:.1f}, other {st['other']:.1f}; turn thread (while the "
+                f"loop polls): {turn}{gc_}")
+    return (f"poll {st['poll']:.1f}, decode {st['decode']:.1f}, {turn}, "
+            f"other {st['other'] + st.get('settle', 0.0):.1f}{gc_}")
 
 
 def _cpu(cpu: dict[str, float]) -> str:
@@ -985,6 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history-cache-events", type=int, help="processing.history_cache_events")
     p.add_argument("--gram-cache-bytes", type=int, help="processing.gram_cache_bytes")
     p.add_argument("--apply-threads", type=int, help="processing.apply_threads")
+    p.add_argument("--poll-while-applying", choices=["true", "false"],
+                   help="processing.poll_while_applying")
     p.add_argument("--consumer", action="append", default=[], metavar="KEY=JSON",
                    help="kafka-python consumer override, e.g. --consumer fetch_min_bytes=65536")
     p.add_argument("--profile", nargs="?", const="auto", choices=["auto", "py-spy", "cprofile"],
@@ -998,6 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_max_records", "batch_max_ms", "history_cache_events", "gram_cache_bytes",
                 "apply_threads")
                if getattr(args, name) is not None}
+    if args.poll_while_applying is not None:
+        changes["poll_while_applying"] = args.poll_while_applying == "true"
     sc = replace(sc, **changes)
     overrides = {}
     for item in args.consumer:
