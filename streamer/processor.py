@@ -78,7 +78,7 @@ class BatchOutcome:
     duplicates: int = 0
     evicted: int = 0
     forgotten: int = 0
-    unknown_item_events: int = 0
+    unknown_item_events: int = 0  # new events kept in histories, on items the model does not know
     users_updated: int = 0
     heads_written: int = 0  # users whose new events went into their history's head only
     rejected: list[tuple[RawRecord, Rejected]] = field(default_factory=list)
@@ -300,6 +300,10 @@ class PartitionProcessor:
                              old.id_buf)
         merged, rows = take_merged(source, old, visible, new, all_rows)
         merged = merged._replace(ptr=ptr)
+        # Of the batch's new events kept in the histories (not duplicates, not capped away),
+        # those on items the model does not know; the fold-in counts the unknown events of
+        # whole histories, so each fold of a user would count its old ones again.
+        outcome.unknown_item_events = int(np.count_nonzero(rows[source >= len(old_t)] < 0))
         outcome.applied_items = decoded.items() if items is None else items
         outcome.new_users = int(np.count_nonzero(fresh & (counts > 0)))
         outcome.new_user_events = int(counts[fresh].sum()) if n_users else 0
@@ -312,10 +316,9 @@ class PartitionProcessor:
 
         # Step 5: one exact solve for every changed user.
         started = time.perf_counter()
-        vectors, unknown = model.fold_rows(merged.ptr, rows, merged.weights, merged.times,
+        vectors, _ = model.fold_rows(merged.ptr, rows, merged.weights, merged.times,
                                            keys=changed_users, grams=partition.grams, serial=serial)
         outcome.fold_seconds = time.perf_counter() - started
-        outcome.unknown_item_events = int(unknown.sum())
         # A changed user has events (a user left with none is deleted): its newest is its last.
         records = dict(zip(changed_users, VectorRecord.many(
             vectors, model.version, np.diff(merged.ptr).tolist(),

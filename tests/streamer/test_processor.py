@@ -394,6 +394,42 @@ def test_batches_in_columns_give_the_same_state_as_decoded_records(tmp_path, syn
         assert sum(o.duplicates for o in out_a) > 0 and sum(o.evicted for o in out_a) > 0
 
 
+@pytest.mark.parametrize("columns", [True, False])
+def test_unknown_items_are_counted_once_per_new_event_kept(tmp_path, trained_registry, columns):
+    """An event on an item the model does not know counts in the batch that applies it,
+    not again each time its user is folded; a re-sent one (same event id) not at all, nor
+    one the history cap drops at once. Both decode paths (a forget sends the batch down
+    the record-by-record one)."""
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    known = list(model.item_index)[:3]
+
+    def event(offset, user, item, ts, event_id=None):
+        doc = {"user": user, "item": item, "ts": ts}
+        if event_id:
+            doc["event_id"] = event_id
+        return RawRecord(offset, user.encode(), json.dumps(doc).encode(), 1000 + offset)
+
+    batches = [
+        [event(0, "u1", known[0], 10.0), event(1, "u1", "no-such-item", 11.0, "x1"),
+         event(2, "u2", "no-such-item", 12.0)],
+        [event(3, "u1", known[1], 13.0), event(4, "u1", "no-such-item", 11.0, "x1"),  # re-sent
+         event(5, "u2", known[2], 14.0)],
+        [event(6, "u1", "no-such-item", 15.0), event(7, "u3", "no-such-item", 1.0)],
+        [event(9, "u2", "no-such-item", 0.5)],  # older than the cap keeps: dropped at once
+    ]
+    if not columns:
+        batches[2].append(RawRecord(8, b"u4", None, 1008))  # a forget: decoded record by record
+    with PartitionStore.open(tmp_path / "s", "t", 0) as store:
+        processor = PartitionProcessor(ProcessingConfig(history_cap=2))
+        outcomes = []
+        for batch in batches:
+            decoded, outcome = processor.decode(store, batch)
+            assert isinstance(decoded, InteractionColumns) == (columns or batch is not batches[2])
+            outcomes.append(processor.apply(store, decoded, outcome, model))
+    assert [o.unknown_item_events for o in outcomes] == [2, 0, 2, 0]
+    assert [(o.applied, o.duplicates, o.evicted) for o in outcomes] == [(3, 0, 0), (2, 1, 1), (2, 0, 1), (1, 0, 1)]
+
+
 class _Store:
     """Just an applied offset, for decode()."""
 
