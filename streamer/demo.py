@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,34 +118,53 @@ def run_demo(params: DemoParams, train_params: TrainParams, out: TextIO = sys.st
     return summary
 
 
-def _stream(config: AppConfig, inter: Interactions, params: DemoParams, say) -> dict:
-    total = len(inter) + len(MALFORMED)
-    produced = [0]
-    producer_error: list[BaseException] = []
-    stop = threading.Event()
+def _messages(inter: Interactions):
+    """The replay: every event in time order, with MALFORMED spread through it."""
+    bad_every = max(1, len(inter) // (len(MALFORMED) + 1))
+    bad = iter(MALFORMED)
+    for i, message in enumerate(event_messages(inter, log_fingerprint(inter))):
+        if i and i % bad_every == 0:
+            extra = next(bad, None)
+            if extra is not None:
+                yield extra
+        yield message
+    yield from bad
 
-    def messages():
-        bad_every = max(1, len(inter) // (len(MALFORMED) + 1))
-        bad = iter(MALFORMED)
-        for i, message in enumerate(event_messages(inter, log_fingerprint(inter))):
-            if i and i % bad_every == 0:
-                extra = next(bad, None)
-                if extra is not None:
-                    yield extra
-            yield message
-        yield from bad
 
-    def replay() -> None:
-        producer = make_producer(config.kafka.bootstrap_servers, linger_ms=20,
-                                 batch_size=256 * 1024)
+def _replay(bootstrap: str, topic: str, inter: Interactions, rate: float | None, produced,
+            stop, errors) -> None:
+    """The producer process: replays ``inter`` into ``topic``; counts into ``produced``
+    (a shared int), stops when ``stop`` is set, reports an error on ``errors``."""
+    try:
+        producer = make_producer(bootstrap, linger_ms=20, batch_size=256 * 1024)
         try:
-            produce(producer, config.kafka.input_topic, messages(), rate=params.rate,
-                    on_progress=lambda n: produced.__setitem__(0, n),
-                    should_stop=stop.is_set)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            producer_error.append(exc)
+            produce(producer, topic, _messages(inter), rate=rate,
+                    on_progress=lambda n: setattr(produced, "value", n), should_stop=stop.is_set)
         finally:
             producer.close()
+    except BaseException as exc:  # noqa: BLE001 - reported by the demo's process
+        errors.put(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+
+
+def _stream(config: AppConfig, inter: Interactions, params: DemoParams, say) -> dict:
+    total = len(inter) + len(MALFORMED)
+    # The producer runs in its own process: in a thread of this one it held the GIL the
+    # consumer needs, and the demo measured the two taking turns (3-8k records/s) instead of
+    # the consumer.
+    ctx = multiprocessing.get_context("spawn")
+    produced, stop, errors = ctx.Value("q", 0, lock=False), ctx.Event(), ctx.Queue()
+    replayer = ctx.Process(target=_replay, name="demo-producer", daemon=True,
+                           args=(config.kafka.bootstrap_servers, config.kafka.input_topic, inter,
+                                 params.rate, produced, stop, errors))
+
+    def producer_failed() -> str | None:
+        if replayer.exitcode in (None, 0):
+            return None
+        try:
+            return errors.get(timeout=1)
+        except queue.Empty:
+            return f"exit code {replayer.exitcode}"
 
     bar = ProgressLine("      streaming", total=total, force=False)
     last = {"t": time.monotonic(), "applied": 0}
@@ -156,27 +176,30 @@ def _stream(config: AppConfig, inter: Interactions, params: DemoParams, say) -> 
             s = service.stats
             rate = (s.consumed - last["applied"]) / (now - last["t"])
             rates.append(rate)
-            lag = max(0, produced[0] - s.consumed)
+            lag = max(0, produced.value - s.consumed)
             bar.update(s.consumed, f"{rate:8.0f} ev/s lag={lag} users={s.users_updated}")
             last.update(t=now, applied=s.consumed)
 
     service = FoldService(config, on_batch=on_batch)
-    thread = threading.Thread(target=replay, name="demo-producer", daemon=True)
-    say(f"      replaying {len(inter)} events (+{len(MALFORMED)} malformed) in time order")
+    say(f"      replaying {len(inter)} events (+{len(MALFORMED)} malformed) in time order "
+        "(a separate producer process)")
     started = time.monotonic()
     service.start()
-    thread.start()
+    replayer.start()
     try:
         while service.stats.consumed < total:
-            if producer_error:
-                raise producer_error[0]
+            failed = producer_failed()
+            if failed:
+                raise RuntimeError(f"demo: the producer process failed: {failed}")
             if time.monotonic() - started > 1800:
                 raise TimeoutError("demo: the consumer did not catch up within 30 minutes")
             service.run_once()
     finally:
         stop.set()
         service.close()
-        thread.join(30)
+        replayer.join(30)
+        if replayer.is_alive():
+            replayer.terminate()
         bar.close()
     seconds = time.monotonic() - started
     s = service.stats
