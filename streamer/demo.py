@@ -38,6 +38,7 @@ from streamer.registry import ModelRegistry
 from streamer.replay import event_messages, log_fingerprint, produce
 from streamer.service import FoldService
 from streamer.topics import ensure_topics
+from streamer.warmup import compile_kernels_once
 
 # Malformed records mixed into the replay, one of each kind, to show the dead-letter path.
 MALFORMED = [
@@ -181,6 +182,9 @@ def _stream(config: AppConfig, inter: Interactions, params: DemoParams, say) -> 
             last.update(t=now, applied=s.consumed)
 
     service = FoldService(config, on_batch=on_batch)
+    seconds = compile_kernels_once(service.model, config.processing)
+    if seconds is not None:
+        say(f"      consumer kernels compiled (numba; cached for the next run) in {seconds:.1f}s")
     say(f"      replaying {len(inter)} events (+{len(MALFORMED)} malformed) in time order "
         "(a separate producer process)")
     started = time.monotonic()

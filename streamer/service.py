@@ -66,6 +66,7 @@ from streamer.publisher import Publisher
 from streamer.registry import ModelRegistry
 from streamer.store import PartitionStore
 from streamer.switch import ModelCache, switch_partition
+from streamer.warmup import compile_kernels_once
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,9 @@ class FoldService:
         return self._pending is not None
 
     def start(self) -> None:
+        seconds = compile_kernels_once(self.model, self.config.processing)
+        if seconds is not None:  # before joining: compiling holds the GIL for up to a minute
+            log.info("numba kernels compiled or loaded from cache in %.1f s", seconds)
         _tune_gc()
         k = self.config.kafka
         settings = dict(
