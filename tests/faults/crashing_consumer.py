@@ -20,6 +20,7 @@ import sys
 from streamer.config import load_config
 from streamer.service import FoldService
 from streamer.store import PartitionStore
+from streamer.warmup import compile_kernels_once
 
 
 def die() -> None:
@@ -29,6 +30,9 @@ def die() -> None:
 
 def main() -> None:
     config_path, stage, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    service = FoldService(load_config(config_path))
+    # Before the patches: the warm-up's scratch-store writes are not the batches counted.
+    compile_kernels_once(service.model, service.config.processing)
     calls = {"batches": 0, "switches": 0}
     original_commit = PartitionStore.commit_batch
     original_switch = PartitionStore.commit_model_switch
@@ -55,7 +59,6 @@ def main() -> None:
     PartitionStore.commit_model_switch = dying_around(original_switch, "switches", "switch_before_write",
                                                       "switch_after_write")
     FoldService._commit = commit_offsets
-    service = FoldService(load_config(config_path))
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     service.run()
 

@@ -32,6 +32,7 @@ from streamer.config import load_config
 from streamer.processor import PartitionProcessor
 from streamer.service import FoldService
 from streamer.store import PartitionStore
+from streamer.warmup import compile_kernels_once
 
 MAX_STALL_S = 120.0
 
@@ -44,6 +45,9 @@ def main() -> None:
     config_path, stalled, wake = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     mode = sys.argv[4] if len(sys.argv) > 4 else "sleep"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = FoldService(load_config(config_path))
+    # Before the patches: the warm-up's scratch store is not the first batch to stall in.
+    compile_kernels_once(service.model, service.config.processing)
     original_decode = PartitionProcessor.decode
     original_commit = PartitionStore.commit_batch
     state = {"stalled": False}
@@ -69,7 +73,6 @@ def main() -> None:
 
     PartitionProcessor.decode = decode
     PartitionStore.commit_batch = commit_batch
-    service = FoldService(load_config(config_path))
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     say("SIGTERM/SIGINT finish the batch")  # what ConsumerProcess.terminate waits for
     stats = service.run()
