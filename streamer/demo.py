@@ -66,6 +66,12 @@ class DemoParams:
 
 
 def run_demo(params: DemoParams, train_params: TrainParams, out: TextIO = sys.stdout) -> dict:
+    """Steps 1-6 of the module docstring; returns the summary (also in ``summary.json``).
+
+    The replay runs in a child process started with ``spawn``, which imports the caller's
+    main module again: a script that calls this needs an ``if __name__ == "__main__":``
+    guard (``foldstream demo`` has one).
+    """
     say = lambda text: print(text, file=out, flush=True)  # noqa: E731
     work = params.workdir
     for sub in ("state", "models", "broker"):
