@@ -317,7 +317,7 @@ class PartitionProcessor:
         # Step 5: one exact solve for every changed user.
         started = time.perf_counter()
         vectors, _ = model.fold_rows(merged.ptr, rows, merged.weights, merged.times,
-                                           keys=changed_users, grams=partition.grams, serial=serial)
+                                     keys=changed_users, grams=partition.grams, serial=serial)
         outcome.fold_seconds = time.perf_counter() - started
         # A changed user has events (a user left with none is deleted): its newest is its last.
         records = dict(zip(changed_users, VectorRecord.many(

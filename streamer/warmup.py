@@ -29,7 +29,8 @@ from streamer.store import PartitionStore
 __all__ = ["compile_kernels", "compile_kernels_once"]
 
 _USERS = 8
-_done = threading.Lock(), [False]
+_lock = threading.Lock()
+_compiled = False  # in this process
 
 
 def _record_batch(messages: list[tuple[bytes | None, bytes | None]]) -> bytes:
@@ -87,10 +88,10 @@ def compile_kernels(model: LoadedModel, config: ProcessingConfig) -> float:
 def compile_kernels_once(model: LoadedModel, config: ProcessingConfig) -> float | None:
     """:func:`compile_kernels` on the first call in this process; None on later ones (the
     kernels stay compiled for the life of the process)."""
-    lock, done = _done
-    with lock:
-        if done[0]:
+    global _compiled
+    with _lock:
+        if _compiled:
             return None
         seconds = compile_kernels(model, config)
-        done[0] = True
+        _compiled = True
         return seconds

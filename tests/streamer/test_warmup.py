@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import numba
-import pytest
 
 from streamer import warmup
 from streamer.config import ProcessingConfig
@@ -89,17 +88,10 @@ def test_after_compiling_the_hot_kernels_have_their_signatures(trained_registry)
 
 def test_compile_kernels_once_runs_once_per_process(trained_registry, monkeypatch):
     calls = []
-    monkeypatch.setattr(warmup, "_done", (warmup._done[0], [False]))
+    monkeypatch.setattr(warmup, "_compiled", False)  # restored after the test
     monkeypatch.setattr(warmup, "compile_kernels", lambda model, config: calls.append(1) or 0.5)
     model = LoadedModel(ModelRegistry(trained_registry).load())
     assert warmup.compile_kernels_once(model, ProcessingConfig()) == 0.5
     assert warmup.compile_kernels_once(model, ProcessingConfig()) is None
     assert calls == [1]
 
-
-@pytest.fixture(autouse=True)
-def _restore_flag():
-    lock, done = warmup._done
-    before = done[0]
-    yield
-    done[0] = before
