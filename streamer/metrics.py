@@ -125,6 +125,25 @@ class Metrics:
                                       "Users re-folded against a newly active model and republished "
                                       "by live model switches.")
         self.events_since_retrain = gauge("events_since_retrain", "Interactions applied since the active model was trained.")
+        self.history_cache_lookups = counter(
+            "history_cache_lookups_total",
+            "Updated users with a stored history, looked up in the history cache.")
+        self.history_cache_hits = counter(
+            "history_cache_hits_total",
+            "Of history_cache_lookups_total, those found in memory (the others read RocksDB).")
+        self.history_cache_events = gauge(
+            "history_cache_events", "Events held by the history caches (plus a fixed overhead per user).")
+        self.history_cache_capacity = gauge(
+            "history_cache_capacity_events", "The history caches' bound (processing.history_cache_events).")
+        self.gram_cache_solves = counter(
+            "gram_cache_solves_total", "Long-history solves that use the normal-equation cache.")
+        self.gram_cache_hits = counter(
+            "gram_cache_hits_total",
+            "Of gram_cache_solves_total, those that updated the user's cached Cholesky factor "
+            "(the others rebuilt the normal equations from the whole history).")
+        self.gram_cache_entries = gauge("gram_cache_entries", "Users whose normal equations are cached.")
+        self.gram_cache_capacity = gauge(
+            "gram_cache_capacity_entries", "Users the normal-equation caches can hold (processing.gram_cache_bytes).")
         self.store_bytes = gauge("rocksdb_size_bytes", "Disk size of the owned partition databases.")
         self.store_keys = gauge("rocksdb_estimated_keys", "Estimated keys in the owned databases.",
                                 ["column_family"])

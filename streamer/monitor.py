@@ -89,3 +89,4 @@ class ServiceMonitor:
             for family, count in store.estimated_keys().items():
                 keys[family] = keys.get(family, 0) + count
         self.observer.store_sizes(disk, keys)
+        self.observer.cache_sizes(*service.processor.cache_sizes())

@@ -96,6 +96,10 @@ class ServiceObserver:
             m.replayed.inc(o.skipped_replayed)
             m.forgotten.inc(o.forgotten)
             m.unknown_items.inc(o.unknown_item_events)
+            m.history_cache_lookups.inc(o.history_cache_hits + o.history_cache_misses)
+            m.history_cache_hits.inc(o.history_cache_hits)
+            m.gram_cache_solves.inc(o.gram_cache_hits + o.gram_cache_misses)
+            m.gram_cache_hits.inc(o.gram_cache_hits)
             for _, rejected in o.rejected:
                 m.dead_lettered.labels(reason=rejected.reason).inc()
             if o.users_updated:
@@ -150,6 +154,15 @@ class ServiceObserver:
         self.metrics.store_bytes.set(disk_bytes)
         for family, count in keys.items():
             self.metrics.store_keys.labels(column_family=family).set(count)
+
+    def cache_sizes(self, history_events: int, history_capacity: int,
+                    gram_entries: int, gram_capacity: int) -> None:
+        """What the consumer's caches hold (:meth:`PartitionProcessor.cache_sizes`)."""
+        m = self.metrics
+        m.history_cache_events.set(history_events)
+        m.history_cache_capacity.set(history_capacity)
+        m.gram_cache_entries.set(gram_entries)
+        m.gram_cache_capacity.set(gram_capacity)
 
     # -- retraining --------------------------------------------------------------------
     def retrain_started(self) -> None:

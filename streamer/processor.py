@@ -80,6 +80,12 @@ class BatchOutcome:
     forgotten: int = 0
     unknown_item_events: int = 0  # new events kept in histories, on items the model does not know
     users_updated: int = 0
+    # Users with a stored history, found in the history cache (hits) or read from RocksDB
+    # (misses); long-history solves from a cached Cholesky factor (hits) or rebuilt (misses).
+    history_cache_hits: int = 0
+    history_cache_misses: int = 0
+    gram_cache_hits: int = 0
+    gram_cache_misses: int = 0
     heads_written: int = 0  # users whose new events went into their history's head only
     rejected: list[tuple[RawRecord, Rejected]] = field(default_factory=list)
     outbox: list[OutboxEntry] = field(default_factory=list)
@@ -231,6 +237,8 @@ class PartitionProcessor:
         stored = store.get_raw_histories([u for u, r, c in zip(users, reset_l, cached)
                                           if not r and c is None])
         check_history_parts(list(stored.values()))
+        outcome.history_cache_hits = sum(1 for r, c in zip(reset_l, cached) if not r and c is not None)
+        outcome.history_cache_misses = len(stored)
         parts, base_rows, missed, evicted_l = [], [], [], []
         for u, (user, r, entry) in enumerate(zip(users, reset_l, cached)):
             if r:
@@ -315,10 +323,14 @@ class PartitionProcessor:
             outcome.previous_vectors = store.get_factors(changed_users[:DRIFT_SAMPLE_USERS], model.version)
 
         # Step 5: one exact solve for every changed user.
+        grams = partition.grams
+        hits, misses = (0, 0) if grams is None else (grams.hits, grams.misses)
         started = time.perf_counter()
         vectors, _ = model.fold_rows(merged.ptr, rows, merged.weights, merged.times,
-                                     keys=changed_users, grams=partition.grams, serial=serial)
+                                     keys=changed_users, grams=grams, serial=serial)
         outcome.fold_seconds = time.perf_counter() - started
+        if grams is not None:
+            outcome.gram_cache_hits, outcome.gram_cache_misses = grams.hits - hits, grams.misses - misses
         # A changed user has events (a user left with none is deleted): its newest is its last.
         records = dict(zip(changed_users, VectorRecord.many(
             vectors, model.version, np.diff(merged.ptr).tolist(),
@@ -415,6 +427,16 @@ class PartitionProcessor:
         return (sum(g.hits for g in caches), sum(g.misses for g in caches), sum(len(g) for g in caches),
                 sum(g.capacity for g in caches))
 
+    def cache_sizes(self) -> tuple[int, int, int, int]:
+        """(events, capacity in events) of the stores' history caches and (entries,
+        capacity in entries) of their normal-equation caches, summed over the stores (call
+        while no batch is applied)."""
+        partitions = list(self._partitions.values())
+        histories = [p.history for p in partitions if p.history is not None]
+        grams = [p.grams for p in partitions if p.grams is not None]
+        return (sum(h.events for h in histories), self.cache_events,
+                sum(len(g) for g in grams), sum(g.capacity for g in grams))
+
     def forget(self, store: PartitionStore) -> None:
         """Drop what is cached for ``store`` (call when the store is closed)."""
         self._partitions.pop(store, None)
@@ -464,6 +486,12 @@ class HistoryCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def events(self) -> int:
+        """What the cache holds against ``max_events``: its events, plus
+        ``ENTRY_OVERHEAD_EVENTS`` per user."""
+        return self._events
 
     def get(self, user: str) -> tuple[bytes, bytes, int, bytes] | None:
         """``(sealed part, head's history, head's evicted count, item rows)``: the user's

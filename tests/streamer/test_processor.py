@@ -438,3 +438,37 @@ class _Store:
 
     def applied_offset(self) -> int:
         return self._applied
+
+
+def test_cache_counts_say_where_each_stored_history_came_from(tmp_path, synthetic_log, trained_registry):
+    # No forgets or malformed records: every user of a batch either has a stored history
+    # (then it comes from the history cache or from RocksDB) or is new.
+    recs = [r for r in records(synthetic_log, 2500, seed=3) if r.value not in (None, b"{not json")]
+    recs = [r._replace(offset=i) for i, r in enumerate(recs)]
+    model = LoadedModel(ModelRegistry(trained_registry).load())
+    cached = PartitionProcessor(ProcessingConfig(history_cap=40), cache_events=600)
+    uncached = PartitionProcessor(ProcessingConfig(history_cap=40, gram_cache_bytes=0), cache_events=0)
+    with PartitionStore.open(tmp_path / "a", "t", 0) as a, PartitionStore.open(tmp_path / "b", "t", 0) as b:
+        assert cached.cache_sizes() == (0, 600, 0, 0)
+        out_a, out_b = [], []
+        for start in range(0, len(recs), 50):
+            batch = recs[start:start + 50]
+            users = {r.key.decode() for r in batch}
+            stored = users & {u for u, _ in b.iter_users()}
+            out_a += run(cached, a, model, batch, batch=50)
+            out_b += run(uncached, b, model, batch, batch=50)
+            x, y = out_a[-1], out_b[-1]
+            assert (y.history_cache_hits, y.history_cache_misses) == (0, len(stored))
+            assert x.history_cache_hits + x.history_cache_misses == len(stored)
+            assert (y.gram_cache_hits, y.gram_cache_misses) == (0, 0)
+        hits = sum(o.history_cache_hits for o in out_a)
+        misses = sum(o.history_cache_misses for o in out_a)
+        assert hits > 0 and misses > 0  # 600 events do not hold every history
+        grams = cached.gram_cache(a)
+        assert sum(o.gram_cache_hits for o in out_a) == grams.hits > 0
+        assert sum(o.gram_cache_misses for o in out_a) == grams.misses > 0
+        history = cached._partitions[a].history
+        assert cached.cache_sizes() == (history._events, 600, len(grams), grams.capacity)
+        assert 0 < history.events <= 600
+        cached.forget(a)
+        assert cached.cache_sizes() == (0, 600, 0, 0)
