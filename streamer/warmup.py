@@ -4,8 +4,9 @@ numba compiles a kernel on its first call, or loads it from its cache (``NUMBA_C
 else ``__pycache__`` beside the source) when a previous process compiled it for this CPU.
 On a fresh install the consumer's first turns would compile some forty kernels (record
 batch parsing, event decoding, history merge and encode, item lookup, the fold-in and the
-normal-equation cache): 40-60 s on a 2-core machine, holding the GIL, inside a group
-membership, with the records of that turn waiting. :func:`compile_kernels` runs the same
+normal-equation cache, serial and on the thread pool): about a minute on a 2-core machine
+(48 s, and 20 s more for the thread-pool solves of a large batch), holding the GIL, inside
+a group membership, with the records of that turn waiting. :func:`compile_kernels` runs the same
 path once on a few synthetic events against a scratch store, so that the cost is paid
 (or, with a warm cache, the kernels loaded) before the consumer subscribes.
 """
@@ -55,8 +56,9 @@ def compile_kernels(model: LoadedModel, config: ProcessingConfig) -> float:
 
     Touches nothing outside a temporary directory: the scratch store lives and dies there.
     Batches: events of a few users (new histories, short-row fold-in), the same users again
-    with one long history (the normal-equation cache fills), once more (it updates), then a
-    batch with a forget and a malformed record (the record-by-record decode path).
+    with one long history (the normal-equation cache fills), once more (it updates), a batch
+    with a forget and a malformed record (the record-by-record decode path), and one solved
+    on numba's thread pool (the kernels a large batch takes).
     """
     started = time.perf_counter()
     # A long row (more known items than the Woodbury cutoff) takes the cached path.
@@ -68,6 +70,9 @@ def compile_kernels(model: LoadedModel, config: ProcessingConfig) -> float:
         + [_event(f"warm-{u}", items[u % len(items)], 20.0) for u in range(_USERS)],
         [_event("warm-long", items[0], 30.0), _event("warm-0", items[1], 31.0, "w0-0")],
         [(b"warm-1", None), (b"warm-2", b"{not json"), _event("warm-3", items[2], 40.0)],
+        # Solved on numba's thread pool, as batches of more than SERIAL_MAX_ROWS users are
+        # (a drain: a consumer restarted behind its partitions meets one at once).
+        [_event("warm-long", items[1], 50.0), _event("warm-4", items[3], 51.0)],
     ]
     processor = PartitionProcessor(config)
     with tempfile.TemporaryDirectory(prefix="foldstream-warmup-") as scratch:
@@ -80,7 +85,8 @@ def compile_kernels(model: LoadedModel, config: ProcessingConfig) -> float:
                 records = [RawRecord(offset + r.offset, r.key, r.value, r.timestamp) for r in parsed[0]]
                 offset += len(records)
                 decoded, outcome = processor.decode(store, records)
-                processor.apply(store, decoded, outcome, model)
+                processor.apply(store, decoded, outcome, model,
+                                serial=False if messages is batches[-1] else None)
     processor.close()
     return time.perf_counter() - started
 
