@@ -711,10 +711,16 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                 proc = start_producer(broker.bootstrap, topic, events, offset, count, sc.rate)
                 meter = CpuMeter(consumer=os.getpid(), broker=broker.pid, producer=proc.pid)
                 grams_before = service.processor.gram_cache_counts()
+                st = service.stats
+                history_before = st.history_cache_hits, st.history_cache_misses
                 lat = _latency(service, proc, count, sc, meter, say)
                 hits, misses, entries, slots = service.processor.gram_cache_counts()
                 lat["gram_cache"] = {"hits": hits - grams_before[0], "misses": misses - grams_before[1],
                                      "entries": entries, "slots": slots}
+                held, capacity = service.processor.cache_sizes()[:2]
+                lat["history_cache"] = {"hits": st.history_cache_hits - history_before[0],
+                                        "misses": st.history_cache_misses - history_before[1],
+                                        "events": held, "capacity": capacity}
                 results["latency"] = lat
                 say(f"latency at {sc.rate:,.0f} events/s offered: p50 {lat['p50_ms']:.1f} ms, "
                     f"p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max "
@@ -725,6 +731,7 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                     + _stages(lat))
                 g = lat["gram_cache"]
                 say(f"latency: normal-equation cache {_gram_line(g)}")
+                say(f"latency: history cache {_history_line(lat['history_cache'])}")
                 f = lat["fetch"]
                 if f:
                     say(f"latency: record age at poll p50 {f['age_p50_ms']:.1f} ms, p99 "
@@ -781,6 +788,13 @@ def _gram_line(g: dict) -> str:
     solves = g["hits"] + g["misses"]
     rate = f"{100.0 * g['hits'] / solves:.1f}% of {solves:,} long-history solves served" if solves else "unused"
     return f"{rate}; {g['entries']:,} of {g['slots']:,} slots filled"
+
+
+def _history_line(h: dict) -> str:
+    lookups = h["hits"] + h["misses"]
+    rate = (f"{100.0 * h['hits'] / lookups:.1f}% of {lookups:,} updated users with a stored history "
+            f"found in memory (the others read from RocksDB)") if lookups else "unused"
+    return f"{rate}; holding {h['events']:,} of {h['capacity']:,} events"
 
 
 def _throughput_verdict(t: dict, target: float = 50_000.0, seconds: float = 60.0) -> str:
@@ -920,6 +934,9 @@ def markdown(r: dict, quick: bool) -> str:
     if "gram_cache" in lat:
         lines.insert(-2, f"| at {lat['rate']:,.0f}/s: cached normal equations "
                          f"(`processing.gram_cache_bytes`) | {_gram_line(lat['gram_cache'])} | |")
+    if "history_cache" in lat:
+        lines.insert(-2, f"| at {lat['rate']:,.0f}/s: history cache "
+                         f"(`processing.history_cache_events`) | {_history_line(lat['history_cache'])} | |")
     if "partitions_with_records" in f:
         lines.insert(-2, f"| at {lat['rate']:,.0f}/s: Fetch responses | {f['fetch_responses']:,}; "
                          f"records for {f['partitions_with_records']:.2f} of the "

@@ -133,6 +133,8 @@ class ServiceStats:
     partitions_switched: int = 0
     batches: int = 0
     rebalances: int = 0
+    history_cache_hits: int = 0  # updated users with a stored history found in memory
+    history_cache_misses: int = 0  # ... read from RocksDB
     # Event-to-published latencies of the most recent events (at most LATENCY_SAMPLES),
     # one array per batch: a long-running consumer must not keep one per event forever.
     latencies_ms: list[np.ndarray] = field(default_factory=list)
@@ -553,5 +555,7 @@ class FoldService:
             s.forgotten += o.forgotten
             s.unknown_item_events += o.unknown_item_events
             s.users_updated += o.users_updated
+            s.history_cache_hits += o.history_cache_hits
+            s.history_cache_misses += o.history_cache_misses
         if outcomes:
             s.batches += 1
