@@ -3,7 +3,10 @@
 Hooked in as the service's ``on_batch`` callback: after every turn of the loop it passes
 on the batch outcomes (with the fold-in loss of a sample of the updated users), the model
 switches since the last turn, and every few seconds the slower readings (lag per
-partition, store sizes, assignment).
+partition, store sizes, assignment). A partition's lag needs its high watermark, which the
+consumer learns from its first fetch of it: while one is unknown (just after an
+assignment), the lag is read again at every turn, so that it appears within a turn of
+becoming known instead of up to SLOW_EVERY_S later.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class ServiceMonitor:
         self._events_at_model = 0
         self._refolded = 0
         self._loss_at = 0.0
+        self._lag_unknown = False  # some owned partition's high watermark was not known yet
 
     def model_loaded(self, service) -> None:
         model = service.model
@@ -52,6 +56,8 @@ class ServiceMonitor:
         if service.stats.rebalances != self._rebalances or now >= self._slow_at:
             self._slow_readings(service)
             self._slow_at = now + SLOW_EVERY_S
+        elif self._lag_unknown:
+            self._lag_readings(service)
 
     def _loss_sample(self, service) -> dict[str, tuple[float, float]]:
         """Fold-in loss and weight of up to LOSS_SAMPLE_USERS users updated on the active model."""
@@ -80,13 +86,21 @@ class ServiceMonitor:
         new = service.stats.rebalances - self._rebalances
         self._rebalances = service.stats.rebalances
         self.observer.assignment([tp.partition for tp in service.stores], new)
+        self._lag_readings(service)
         disk, keys = 0, {}
-        for tp, store in service.stores.items():
-            high = service.consumer.highwater(tp)
-            if high is not None:
-                self.observer.lag(tp.partition, high - store.applied_offset() - 1)
+        for store in service.stores.values():
             disk += store.disk_bytes()
             for family, count in store.estimated_keys().items():
                 keys[family] = keys.get(family, 0) + count
         self.observer.store_sizes(disk, keys)
         self.observer.cache_sizes(*service.processor.cache_sizes())
+
+    def _lag_readings(self, service) -> None:
+        unknown = False
+        for tp, store in service.stores.items():
+            high = service.consumer.highwater(tp)
+            if high is None:
+                unknown = True
+            else:
+                self.observer.lag(tp.partition, high - store.applied_offset() - 1)
+        self._lag_unknown = unknown
