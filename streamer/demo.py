@@ -1,5 +1,5 @@
-"""``foldstream demo``: the whole pipeline on one machine, in one to three minutes (the
-first run compiles the numba kernels).
+"""``foldstream demo``: the whole pipeline on one machine, in about a minute (41 s warm on 2
+cores; the first run compiles the numba kernels: 2.5-3 minutes).
 
 1. synthesise a drifting interaction log (or read ``--interactions``);
 2. train the first model on the events before a time cutoff and promote it;
