@@ -60,12 +60,15 @@ ENV FOLDSTREAM_STORE__STATE_DIR=/var/lib/foldstream/state \
     NUMBA_CACHE_DIR=/var/cache/foldstream/numba
 
 # Smoke test and numba warm-up in one: train and fold in on a tiny synthetic log as the
-# runtime user, so a container starts without compiling the ALS and fold-in kernels (numba
-# recompiles by itself when the host CPU differs from the build host's).
+# runtime user, then run the consumer's kernel path against that model, so a container
+# starts without compiling the ALS, fold-in and consumer kernels (about a minute more on
+# 2 cores; they depend on the model's data types, not its size; numba recompiles by itself
+# when the host CPU differs from the build host's).
 RUN set -e; w="$(mktemp -d)"; \
     foldstream synth --out "$w/events.csv" --users 200 --items 100 --events 5000; \
     foldstream train --interactions "$w/events.csv" --out "$w/model" --factors 8 --iterations 2; \
     foldstream foldin --model "$w/model" --interactions "$w/events.csv" --out "$w/vectors"; \
+    foldstream warmup --model "$w/model"; \
     rm -rf "$w"
 
 VOLUME ["/var/lib/foldstream/state", "/var/lib/foldstream/models"]

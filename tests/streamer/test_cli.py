@@ -60,7 +60,7 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["demo"], ["run"], ["produce"],
                                      ["broker"], ["vectors", "get"], ["synth"], ["foldin"],
-                                     ["model", "list"], ["model", "promote"]])
+                                     ["model", "list"], ["model", "promote"], ["warmup"]])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "streamer.cli", *command, "--help"],
                          capture_output=True, text=True, timeout=60)
