@@ -127,7 +127,7 @@ class Metrics:
         self.events_since_retrain = gauge("events_since_retrain", "Interactions applied since the active model was trained.")
         self.history_cache_lookups = counter(
             "history_cache_lookups_total",
-            "Updated users with a stored history, looked up in the history cache.")
+            "Users of a batch with a stored history, looked up in the history cache.")
         self.history_cache_hits = counter(
             "history_cache_hits_total",
             "Of history_cache_lookups_total, those found in memory (the others read RocksDB).")
