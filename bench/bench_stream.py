@@ -792,7 +792,7 @@ def _gram_line(g: dict) -> str:
 
 def _history_line(h: dict) -> str:
     lookups = h["hits"] + h["misses"]
-    rate = (f"{100.0 * h['hits'] / lookups:.1f}% of {lookups:,} updated users with a stored history "
+    rate = (f"{100.0 * h['hits'] / lookups:.1f}% of {lookups:,} batch users with a stored history "
             f"found in memory (the others read from RocksDB)") if lookups else "unused"
     return f"{rate}; holding {h['events']:,} of {h['capacity']:,} events"
 

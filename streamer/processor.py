@@ -431,11 +431,9 @@ class PartitionProcessor:
         """(events, capacity in events) of the stores' history caches and (entries,
         capacity in entries) of their normal-equation caches, summed over the stores (call
         while no batch is applied)."""
-        partitions = list(self._partitions.values())
-        histories = [p.history for p in partitions if p.history is not None]
-        grams = [p.grams for p in partitions if p.grams is not None]
-        return (sum(h.events for h in histories), self.cache_events,
-                sum(len(g) for g in grams), sum(g.capacity for g in grams))
+        _, _, entries, capacity = self.gram_cache_counts()
+        events = sum(p.history.events for p in list(self._partitions.values()) if p.history is not None)
+        return events, self.cache_events, entries, capacity
 
     def forget(self, store: PartitionStore) -> None:
         """Drop what is cached for ``store`` (call when the store is closed)."""

@@ -133,7 +133,7 @@ class ServiceStats:
     partitions_switched: int = 0
     batches: int = 0
     rebalances: int = 0
-    history_cache_hits: int = 0  # updated users with a stored history found in memory
+    history_cache_hits: int = 0  # a batch's users with a stored history found in memory
     history_cache_misses: int = 0  # ... read from RocksDB
     # Event-to-published latencies of the most recent events (at most LATENCY_SAMPLES),
     # one array per batch: a long-running consumer must not keep one per event forever.
