@@ -14,7 +14,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError, for_code
 
-from streamer import fast_fetch
+from streamer import fast_fetch, group_join
 from streamer.errors import TopicMismatchError
 
 PRODUCER_DEFAULTS: Mapping[str, Any] = {
@@ -137,11 +137,13 @@ def make_consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> Kaf
     KafkaConsumer keyword arguments; session/heartbeat timeouts stay at kafka-python's
     defaults unless given (a Tansu group join takes about half the session timeout).
     Fetched records are parsed by :mod:`streamer.fast_fetch` (kafka-python's parser for
-    what that leaves to it).
+    what that leaves to it), and a group join that finishes between two polls is kept
+    (:mod:`streamer.group_join`).
     """
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
                              **{**CONSUMER_DEFAULTS, **overrides})
     fast_fetch.install(consumer)
+    group_join.install(consumer)
     return consumer
 
 
