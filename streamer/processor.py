@@ -234,10 +234,10 @@ class PartitionProcessor:
         cache = partition.history
         reset_l = reset.tolist()
         cached = cache.lookup(users)
-        stored = store.get_raw_histories([u for u, r, c in zip(users, reset_l, cached)
-                                          if not r and c is None])
+        uncached = [u for u, r, c in zip(users, reset_l, cached) if not r and c is None]
+        stored = store.get_raw_histories(uncached)
         check_history_parts(list(stored.values()))
-        outcome.history_cache_hits = sum(1 for r, c in zip(reset_l, cached) if not r and c is not None)
+        outcome.history_cache_hits = len(users) - int(reset.sum()) - len(uncached)
         outcome.history_cache_misses = len(stored)
         parts, base_rows, missed, evicted_l = [], [], [], []
         for u, (user, r, entry) in enumerate(zip(users, reset_l, cached)):
