@@ -13,10 +13,12 @@ import pytest
 from factors.data import Interactions
 from factors.pipeline import TrainParams, fold_in_users, train
 from factors.synth import SynthParams, generate
-from streamer.config import AppConfig
+from streamer.config import AppConfig, ProcessingConfig
+from streamer.model import LoadedModel
 from streamer.registry import ModelRegistry
 from streamer.service import FoldService
 from streamer.topics import ensure_topics
+from streamer.warmup import compile_kernels_once
 from tests.conftest import FAST_GROUP_CONFIG
 
 TEST_PARAMS = TrainParams(factors=8, iterations=4, regularization=0.1, alpha=5.0, seed=3)
@@ -30,12 +32,19 @@ def synthetic_log() -> Interactions:
 
 @pytest.fixture(scope="session")
 def trained_registry(tmp_path_factory, synthetic_log) -> Path:
-    """A registry whose active version was trained on the first half of ``synthetic_log``."""
+    """A registry whose active version was trained on the first half of ``synthetic_log``.
+
+    The consumer's kernels are compiled here too, in this process, so that numba's on-disk
+    cache holds them before any test starts a consumer process: on a cold cache (a fresh
+    clone, as CI runs) the first child consumer would otherwise spend half a minute of its
+    test's deadlines compiling them before it joins its group.
+    """
     root = tmp_path_factory.mktemp("registry")
     half = synthetic_log.subset(np.arange(len(synthetic_log) // 2))
     result = train(half, TEST_PARAMS)
     registry = ModelRegistry(root)
     registry.promote(registry.add(result.artifact(half)))
+    compile_kernels_once(LoadedModel(registry.load()), ProcessingConfig())
     return root
 
 
