@@ -247,6 +247,7 @@ class StageTimer:
     def __init__(self, service) -> None:
         self.seconds = {name: 0.0 for name, _, _ in self.STAGES}
         self.seconds.update(fold=0.0, write=0.0)
+        self.calls: dict[str, list[float]] = {name: [] for name, _, _ in self.STAGES}
         self._installed = []
         for name, owner, method in self.STAGES:
             target = service if owner == "service" else getattr(service, owner)
@@ -255,15 +256,23 @@ class StageTimer:
         self.service = service
 
     def _timed(self, name, fn):
-        seconds = self.seconds
+        seconds, calls = self.seconds, self.calls[name]
 
         def timed(*args, **kwargs):
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                seconds[name] += time.perf_counter() - t
+                took = time.perf_counter() - t
+                seconds[name] += took
+                calls.append(took)
         return timed
+
+    def call_percentiles(self) -> dict[str, tuple[float, float, float]]:
+        """Per stage, the p50 / p99 / max of one call's wall time in ms: where the tail of
+        a latency run comes from (a stage whose slowest calls are long stalls the turn)."""
+        return {name: tuple(float(v) for v in np.percentile(1e3 * np.array(calls), [50, 99, 100]))
+                for name, calls in self.calls.items() if calls}
 
     def stages(self, seconds: float) -> dict[str, float]:
         """The stages' seconds and ``other``: the loop thread's wall time in none of them
@@ -311,13 +320,18 @@ class FetchProbe:
 
     def __init__(self, service) -> None:
         self.ages: list[np.ndarray] = []
+        self.partition_ages: dict[int, list[np.ndarray]] = {}
         self.responses: list[tuple[int, int, int]] = []  # partitions asked, with records, bytes
+        self.response_times: list[float] = []
         consumer = service.consumer
         poll = consumer.poll
 
         def probed_poll(*args, **kwargs):
             polled = poll(*args, **kwargs)
-            self.ages += record_ages_ms(polled)
+            ages = record_ages_ms(polled)
+            self.ages += ages
+            for tp, a in zip(polled, ages):
+                self.partition_ages.setdefault(tp.partition, []).append(a)
             return polled
         self._patched = [(consumer, "poll", consumer.__dict__.get("poll"))]
         consumer.poll = probed_poll
@@ -328,6 +342,7 @@ class FetchProbe:
                 parts = [pd for td in response.responses for pd in td.partitions]
                 self.responses.append((len(fetch_offsets), sum(1 for pd in parts if pd.records),
                                        sum(len(pd.records or b"") for pd in parts)))
+                self.response_times.append(time.monotonic())
                 return handle(node_id, fetch_offsets, send_time, response, *rest)
             self._patched.append((fetcher, "_handle_fetch_response",
                                   fetcher.__dict__.get("_handle_fetch_response")))
@@ -335,7 +350,12 @@ class FetchProbe:
 
     def summary(self) -> dict:
         p50, p99 = age_percentiles(self.ages)
-        out = {"age_p50_ms": p50, "age_p99_ms": p99}
+        out = {"age_p50_ms": p50, "age_p99_ms": p99,
+               "partition_age_p99_ms": {p: age_percentiles(a)[1]
+                                        for p, a in sorted(self.partition_ages.items())}}
+        if len(self.response_times) > 1:
+            gaps = 1e3 * np.diff(self.response_times)
+            out["response_gap_ms"] = tuple(float(v) for v in np.percentile(gaps, [50, 99, 100]))
         if self.responses:
             r = np.array(self.responses, dtype=np.float64)
             with_records = r[r[:, 1] > 0]
@@ -729,6 +749,7 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                 say(f"latency: {lat['records_per_batch']:,.0f} records per batch, "
                     f"{lat['vectors_per_event']:.2f} vectors per event; wall us/event by stage: "
                     + _stages(lat))
+                say("latency: one call's wall ms by stage, p50 / p99 / max: " + _calls(lat))
                 g = lat["gram_cache"]
                 say(f"latency: normal-equation cache {_gram_line(g)}")
                 say(f"latency: history cache {_history_line(lat['history_cache'])}")
@@ -738,6 +759,10 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                         f"{f['age_p99_ms']:.1f} ms; fetch responses carried records for "
                         f"{f.get('partitions_with_records', float('nan')):.2f} of "
                         f"{f.get('partitions_asked', float('nan')):.2f} partitions asked")
+                    say("latency: record age at poll p99 by partition (ms): "
+                        + ", ".join(f"{p}: {v:.0f}" for p, v in f["partition_age_p99_ms"].items())
+                        + "; time between Fetch responses p50 / p99 / max (ms): "
+                        + " / ".join(f"{v:.1f}" for v in f.get("response_gap_ms", ())))
             offset += count
 
             # The floor under that latency: the same load, a consumer that only polls.
@@ -866,7 +891,12 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
             "p95_ms": float(p95), "p99_ms": float(p99), "max_ms": float(values.max()),
             "consumed_per_s": (s.consumed - n0) / (time.monotonic() - t0),
             "producer_achieved_per_s": summary["sent"] / summary["seconds"], "cpu": cpu,
-            "kept_up": kept_up, "fetch": fetch}
+            "kept_up": kept_up, "fetch": fetch, "calls_ms": timer.call_percentiles()}
+
+
+def _calls(t: dict) -> str:
+    return ", ".join(f"{name} {p50:.1f} / {p99:.1f} / {top:.1f}"
+                     for name, (p50, p99, top) in t.get("calls_ms", {}).items())
 
 
 def _stages(t: dict) -> str:
@@ -941,11 +971,17 @@ def markdown(r: dict, quick: bool) -> str:
         lines.insert(-2, f"| at {lat['rate']:,.0f}/s: Fetch responses | {f['fetch_responses']:,}; "
                          f"records for {f['partitions_with_records']:.2f} of the "
                          f"{f['partitions_asked']:.2f} partitions asked, "
-                         f"{f['kib_per_partition']:.0f} KiB per partition carried | |")
+                         f"{f['kib_per_partition']:.0f} KiB per partition carried"
+                         + ("; time between responses p50 / p99 / max "
+                            + " / ".join(f"{v:.1f}" for v in f["response_gap_ms"]) + " ms"
+                            if "response_gap_ms" in f else "") + " | |")
     if "stage_us_per_event" in lat:
         lines.insert(-2, f"| wall time per event by stage at {lat['rate']:,.0f}/s (us) | "
                          f"{_stages(lat)}; {lat['records_per_batch']:,.0f} records per turn, "
                          f"{lat['vectors_per_event']:.2f} vectors per event | |")
+    if lat.get("calls_ms"):
+        lines.insert(-2, f"| at {lat['rate']:,.0f}/s: one call's wall time by stage, p50 / p99 / "
+                         f"max (ms) | {_calls(lat)} | |")
     lines += [
         "",
         "Stages: `poll` is kafka-python fetching records and `streamer.fast_fetch` parsing "
