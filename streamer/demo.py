@@ -215,6 +215,7 @@ def _stream(config: AppConfig, inter: Interactions, params: DemoParams, say) -> 
     seconds = time.monotonic() - started
     s = service.stats
     p50, p99 = s.latency_percentiles(50, 99)
+    c50, c99 = s.consumer_latency_percentiles(50, 99)
     say(f"      streamed {s.consumed} records in {seconds:.1f}s "
         f"({s.consumed / seconds:.0f} records/s end to end)")
     return {
@@ -227,6 +228,8 @@ def _stream(config: AppConfig, inter: Interactions, params: DemoParams, say) -> 
         "throughput_events_per_s": round(s.consumed / seconds, 1),
         "latency_p50_ms": round(p50, 1),
         "latency_p99_ms": round(p99, 1),
+        "consumer_latency_p50_ms": round(c50, 1),
+        "consumer_latency_p99_ms": round(c99, 1),
         "model_version": service.model.version,
     }
 
@@ -293,6 +296,8 @@ def _summary_lines(summary: dict) -> list[str]:
         f"event->published p50    {summary['latency_p50_ms']:.1f} ms (the replay outruns the "
         "consumer: includes queueing behind the backlog)",
         f"event->published p99    {summary['latency_p99_ms']:.1f} ms",
+        f"  of which in consumer  p50 {summary['consumer_latency_p50_ms']:.1f} ms, p99 "
+        f"{summary['consumer_latency_p99_ms']:.1f} ms (from poll to acknowledgement)",
         f"prequential hit@{k}      fold-in {summary[f'prequential_hit@{k}_foldin']:.4f}  "
         f"vs stale {summary[f'prequential_hit@{k}_stale']:.4f} "
         f"(first {summary['prequential_events']} streamed events)",

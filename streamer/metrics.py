@@ -115,6 +115,11 @@ class Metrics:
         self.latency = BulkHistogram(f"{PREFIX}_event_to_published_seconds",
                                      "From the record's broker timestamp to the vector's acknowledgement.",
                                      LATENCY_BUCKETS, r)
+        self.consumer_latency = BulkHistogram(
+            f"{PREFIX}_poll_to_published_seconds",
+            "From poll() returning the record to the vector's acknowledgement: the consumer's "
+            "share of event_to_published (the rest is the producer's and the broker's).",
+            LATENCY_BUCKETS, r)
         self.last_event_time = gauge("last_event_timestamp_seconds",
                                      "Broker timestamp of the newest record applied.")
         self.last_batch_time = gauge("last_batch_timestamp_seconds",

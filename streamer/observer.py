@@ -111,6 +111,9 @@ class ServiceObserver:
                 m.latency.observe_many(np.maximum(
                     0.0, (acked_at_ms - np.asarray(o.record_times_ms, dtype=np.float64)) / 1000.0))
                 m.last_event_time.set(max(o.record_times_ms) / 1000.0)
+                if not math.isnan(o.polled_at_ms):
+                    m.consumer_latency.observe_many(np.full(
+                        len(o.record_times_ms), max(0.0, (acked_at_ms - o.polled_at_ms) / 1000.0)))
             items.extend(o.applied_items)
             new_users += o.new_user_events
             m.new_users.inc(o.new_users)

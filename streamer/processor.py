@@ -22,6 +22,7 @@ and :meth:`PartitionProcessor.apply`:
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections import OrderedDict
@@ -90,6 +91,7 @@ class BatchOutcome:
     rejected: list[tuple[RawRecord, Rejected]] = field(default_factory=list)
     outbox: list[OutboxEntry] = field(default_factory=list)
     record_times_ms: list[int] = field(default_factory=list)  # broker times of new records
+    polled_at_ms: float = math.nan  # wall-clock time poll() returned the batch's records
     fold_seconds: float = 0.0
     write_seconds: float = 0.0
     vectors: dict[str, VectorRecord] = field(default_factory=dict)

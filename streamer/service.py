@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -137,23 +138,40 @@ class ServiceStats:
     history_cache_misses: int = 0  # ... read from RocksDB
     # Event-to-published latencies of the most recent events (at most LATENCY_SAMPLES),
     # one array per batch: a long-running consumer must not keep one per event forever.
+    # Beside each, the part of it spent in this process: from poll() returning the batch
+    # to the acknowledgement, the same for all of a batch's events.
     latencies_ms: list[np.ndarray] = field(default_factory=list)
+    consumer_ms: list[tuple[float, int]] = field(default_factory=list)
     _latency_count: int = 0
 
-    def add_latencies(self, values: np.ndarray) -> None:
+    def add_latencies(self, values: np.ndarray, consumer_ms: float = math.nan) -> None:
         self.latencies_ms.append(values)
+        self.consumer_ms.append((consumer_ms, values.shape[0]))
         self._latency_count += values.shape[0]
         while self._latency_count > LATENCY_SAMPLES and len(self.latencies_ms) > 1:
             self._latency_count -= self.latencies_ms.pop(0).shape[0]
+            self.consumer_ms.pop(0)
 
     def clear_latencies(self) -> None:
         self.latencies_ms.clear()
+        self.consumer_ms.clear()
         self._latency_count = 0
 
     def latency_percentiles(self, *qs: float) -> list[float]:
+        """Event-to-published latency percentiles (ms) of the events kept."""
         if not self.latencies_ms:
             return [float("nan")] * len(qs)
         values = np.concatenate(self.latencies_ms)
+        return [float(np.percentile(values, q)) for q in qs]
+
+    def consumer_latency_percentiles(self, *qs: float) -> list[float]:
+        """Percentiles (ms, per event) of the share of that latency spent in this process."""
+        ms = np.array([v for v, _ in self.consumer_ms], dtype=np.float64)
+        counts = np.array([n for _, n in self.consumer_ms], dtype=np.int64)
+        values = np.repeat(ms, counts)
+        values = values[~np.isnan(values)]
+        if not values.size:
+            return [float("nan")] * len(qs)
         return [float(np.percentile(values, q)) for q in qs]
 
 
@@ -297,6 +315,7 @@ class FoldService:
         """
         p = self.config.processing
         polled = self.consumer.poll(timeout_ms=p.batch_max_ms, max_records=p.batch_max_records)
+        polled_at_ms = time.time() * 1000.0
         # Everything below runs with no turn in flight: the stores, the publisher's error
         # state and the consumer are touched by one thread at a time.
         settled = self._pending is not None
@@ -312,6 +331,7 @@ class FoldService:
                 continue  # not ours (any more), or fetched before our seek
             # kafka-python's records have RawRecord's attributes: no copy per record.
             decoded, outcome = self.processor.decode(store, records)
+            outcome.polled_at_ms = polled_at_ms
             work.append((tp, store, decoded, outcome))
 
         work = self._still_member(work, generation)
@@ -383,7 +403,8 @@ class FoldService:
         for _, outcome in applied:
             if outcome.record_times_ms:
                 self.stats.add_latencies(
-                    acked_at_ms - np.asarray(outcome.record_times_ms, dtype=np.float64))
+                    acked_at_ms - np.asarray(outcome.record_times_ms, dtype=np.float64),
+                    acked_at_ms - outcome.polled_at_ms)
 
     def _behind_log_end(self) -> dict[TopicPartition, int]:
         """Records between each fetchable partition's position and its log end (asked of

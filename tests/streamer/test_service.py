@@ -81,6 +81,11 @@ def test_every_vector_equals_the_offline_fold_in(make_app_config, make_kafka_pro
     assert service.stats.applied == len(events)
     assert service.stats.dead_lettered == 0
     assert service.stats.users_updated >= len(expected)
+    # Each batch's time in the consumer (poll to acknowledgement) is part of the
+    # event-to-published latency of every one of its events.
+    assert sum(n for _, n in service.stats.consumer_ms) == len(events)
+    for latencies, (in_consumer, n) in zip(service.stats.latencies_ms, service.stats.consumer_ms):
+        assert n == len(latencies) and 0.0 <= in_consumer <= latencies.min()
 
     with StoreReader(config.store.state_dir, topic=config.kafka.input_topic) as reader:
         stored = reader.get_vectors(list(expected))
@@ -258,9 +263,21 @@ def test_latency_samples_are_bounded_to_the_most_recent(monkeypatch):
     monkeypatch.setattr(service, "LATENCY_SAMPLES", 10)
     stats = service.ServiceStats()
     for batch in range(6):
-        stats.add_latencies(np.full(4, float(batch)))
+        stats.add_latencies(np.full(4, float(batch)), consumer_ms=batch / 10)
     kept = np.concatenate(stats.latencies_ms)
     assert kept.tolist() == [4.0] * 4 + [5.0] * 4  # the newest batches, at most 10 values
+    assert stats.consumer_ms == [(0.4, 4), (0.5, 4)]  # trimmed alongside
     stats.clear_latencies()  # as the benchmark does between runs
     stats.add_latencies(np.ones(3))
     assert stats.latency_percentiles(50) == [1.0]
+    assert np.isnan(stats.consumer_latency_percentiles(50)[0])  # no poll time given
+
+
+def test_consumer_latency_is_per_event():
+    from streamer import service
+
+    stats = service.ServiceStats()
+    stats.add_latencies(np.full(199, 50.0), consumer_ms=10.0)  # one batch of 199 events
+    stats.add_latencies(np.full(1, 500.0), consumer_ms=400.0)  # and one of a single event
+    assert stats.consumer_latency_percentiles(50, 99) == [10.0, 10.0]
+    assert stats.consumer_latency_percentiles(100) == [400.0]
