@@ -26,10 +26,13 @@ Two measurements, in this order, against one model and one state store:
    CPUs). Latency is, per event, the time from the producer's record timestamp (set when
    the producer hands it to librdkafka) to the moment the vector it produced was
    acknowledged by the broker (``ServiceStats.latencies_ms``). The first ``--warmup``
-   seconds are not counted. Beside it, where an event waits: the age of each record when
-   ``poll`` returns it, what each Fetch response carried, and the same ages for a
-   consumer that only polls under the same load (a fresh topic, the same producer and
-   rate): the floor that the broker and kafka-python set.
+   seconds are not counted. Beside it, where an event waits: the part spent in the
+   consumer (from ``poll`` returning the record to the acknowledgement), the age of each
+   record when ``poll`` returns it and when its Fetch response arrives (split at the
+   moment that Fetch was sent), what each Fetch response carried, and the same ages for
+   a consumer that only polls under the same load for as long (a fresh topic, the same
+   producer and rate): the floor that the broker and kafka-python set. p99s per 10-s
+   window show whether latency grows during the run.
 
 ``--profile`` adds a third, separate drain under a profiler (py-spy when it is on PATH,
 else cProfile) and prints where the consumer's time goes; profiled numbers are not the
@@ -45,6 +48,7 @@ import json
 import os
 import pstats
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -80,6 +84,7 @@ class Scenario:
     gram_cache_bytes: int | None = None
     apply_threads: int | None = None
     poll_while_applying: bool | None = None
+    linger_ms: float = 5.0  # the paced producer's (the project's producer default)
     seed: int = 7
 
 
@@ -104,6 +109,7 @@ def produce_main(argv: list[str]) -> int:
     p.add_argument("--start", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--rate", type=float, default=None, help="events/s; default: as fast as possible")
+    p.add_argument("--linger-ms", type=float, default=5.0, help="linger.ms when paced")
     args = p.parse_args(argv)
 
     inter = load_events(args.events, slice(args.start, args.start + args.count))
@@ -113,7 +119,7 @@ def produce_main(argv: list[str]) -> int:
         "enable.idempotence": True,
         "acks": "all",
         # Paced: the project's producer default (kafka_io.PRODUCER_DEFAULTS); backlog: big batches.
-        "linger.ms": 5 if paced else 50,
+        "linger.ms": args.linger_ms if paced else 50,
         "batch.size": 1_000_000,
         "queue.buffering.max.messages": 1_000_000,
     })
@@ -145,11 +151,11 @@ def produce_main(argv: list[str]) -> int:
 
 
 def start_producer(bootstrap: str, topic: str, events: Path, start: int, count: int,
-                   rate: float | None) -> subprocess.Popen:
+                   rate: float | None, linger_ms: float = 5.0) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.bench_stream", "produce", "--bootstrap", bootstrap,
            "--topic", topic, "--events", str(events), "--start", str(start), "--count", str(count)]
     if rate is not None:
-        cmd += ["--rate", str(rate)]
+        cmd += ["--rate", str(rate), "--linger-ms", str(linger_ms)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
 
@@ -307,6 +313,36 @@ def age_percentiles(ages: list[np.ndarray]) -> tuple[float, float]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
+def batch_waits_ms(records: bytes, send_time: float, arrived: float,
+                   wall_minus_mono_ms: float) -> np.ndarray:
+    """Where the records of one partition's Fetch data waited before they reached the client.
+
+    For each v2 record batch in ``records``: its record count, how long its first record
+    waited for the Fetch request that returned it to be sent (0 when produced after the
+    send), and how long it then spent until the response arrived (from the send, or from
+    its production when later). ``send_time`` and ``arrived`` are ``time.monotonic()``;
+    the producer timestamps are wall-clock ms, hence ``wall_minus_mono_ms``. Reads only
+    the fixed batch header (KIP-98 layout: batchLength at 8, lastOffsetDelta at 23,
+    firstTimestamp at 27); a truncated last batch is left out.
+    """
+    sent_ms = send_time * 1e3 + wall_minus_mono_ms
+    arrived_ms = arrived * 1e3 + wall_minus_mono_ms
+    rows, pos, end = [], 0, len(records)
+    while pos + 43 <= end:
+        (length,) = struct.unpack_from(">i", records, pos + 8)
+        if pos + 12 + length > end:
+            break
+        delta, first_ts = struct.unpack_from(">iq", records, pos + 23)
+        rows.append((delta + 1, max(0.0, sent_ms - first_ts),
+                     arrived_ms - max(sent_ms, float(first_ts))))
+        pos += 12 + length
+    return np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def _pair(values) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
+
+
 class FetchProbe:
     """Where an event waits before the consumer sees it, during the latency run.
 
@@ -323,6 +359,10 @@ class FetchProbe:
         self.partition_ages: dict[int, list[np.ndarray]] = {}
         self.responses: list[tuple[int, int, int]] = []  # partitions asked, with records, bytes
         self.response_times: list[float] = []
+        # Per record batch at its Fetch response: (records, wait before the request was
+        # sent, wait inside the broker), ms; see batch_waits_ms.
+        self.arrivals: list[np.ndarray] = []
+        self._wall_minus_mono_ms = 1e3 * (time.time() - time.monotonic())
         consumer = service.consumer
         poll = consumer.poll
 
@@ -340,9 +380,14 @@ class FetchProbe:
         if handle is not None:
             def probed_handle(node_id, fetch_offsets, send_time, response, *rest):
                 parts = [pd for td in response.responses for pd in td.partitions]
+                arrived = time.monotonic()
                 self.responses.append((len(fetch_offsets), sum(1 for pd in parts if pd.records),
                                        sum(len(pd.records or b"") for pd in parts)))
-                self.response_times.append(time.monotonic())
+                self.response_times.append(arrived)
+                for pd in parts:
+                    if pd.records:
+                        self.arrivals.append(batch_waits_ms(bytes(pd.records), send_time, arrived,
+                                                            self._wall_minus_mono_ms))
                 return handle(node_id, fetch_offsets, send_time, response, *rest)
             self._patched.append((fetcher, "_handle_fetch_response",
                                   fetcher.__dict__.get("_handle_fetch_response")))
@@ -353,6 +398,13 @@ class FetchProbe:
         out = {"age_p50_ms": p50, "age_p99_ms": p99,
                "partition_age_p99_ms": {p: age_percentiles(a)[1]
                                         for p, a in sorted(self.partition_ages.items())}}
+        if self.arrivals:
+            a = np.concatenate(self.arrivals)
+            n = a[:, 0].astype(np.int64)
+            before, inside = np.repeat(a[:, 1], n), np.repeat(a[:, 2], n)
+            out["arrival_age_ms"] = tuple(float(v) for v in np.percentile(before + inside, [50, 99]))
+            out["before_request_ms"] = tuple(float(v) for v in np.percentile(before, [50, 99]))
+            out["inside_broker_ms"] = tuple(float(v) for v in np.percentile(inside, [50, 99]))
         if len(self.response_times) > 1:
             gaps = 1e3 * np.diff(self.response_times)
             out["response_gap_ms"] = tuple(float(v) for v in np.percentile(gaps, [50, 99, 100]))
@@ -490,12 +542,14 @@ def bare_consumers(bootstrap: str, topic: str, partitions: int, total: int, max_
 
 
 def pipeline_floor(bootstrap: str, topic: str, partitions: int, events: Path, rate: float,
-                   seconds: float, overrides: dict, session: dict, fetch_max_wait_ms: int) -> dict:
+                   seconds: float, overrides: dict, session: dict, fetch_max_wait_ms: int,
+                   skip: float = 2.0, linger_ms: float = 5.0) -> dict:
     """Age of records when a consumer that does nothing else gets them: the latency floor.
 
     The same producer process at the same offered rate into a fresh topic, and a
     kafka-python consumer in a group with the service's fetch settings that only polls;
     no fold-in, no state, no publishing. What the benchmarked consumer adds is the rest.
+    The first ``skip`` seconds (the producer's start-up) are left out.
     """
     from streamer.kafka_io import TopicSpec, create_topics, make_consumer
 
@@ -506,16 +560,62 @@ def pipeline_floor(bootstrap: str, topic: str, partitions: int, events: Path, ra
     deadline = time.monotonic() + 30
     while not consumer.assignment() and time.monotonic() < deadline:
         consumer.poll(timeout_ms=100)
-    proc = start_producer(bootstrap, topic, events, 0, int(rate * seconds), rate)
-    ages, started = [], time.monotonic()
+    proc = start_producer(bootstrap, topic, events, 0, int(rate * seconds), rate, linger_ms)
+    ages, times, started = [], [], time.monotonic()
     while proc.poll() is None and time.monotonic() - started < seconds + 60:
         polled = consumer.poll(timeout_ms=50)
-        if time.monotonic() - started >= 2.0:  # past the producer's start-up
-            ages += record_ages_ms(polled)
+        now = time.monotonic() - started
+        if now >= skip and polled:  # past the producer's start-up
+            ages.append(np.concatenate(record_ages_ms(polled)))
+            times.append(now - skip)
     finish_producer(proc)
     consumer.close(autocommit=False)
     p50, p99 = age_percentiles(ages)
-    return {"events": sum(map(len, ages)), "p50_ms": p50, "p99_ms": p99}
+    return {"events": sum(map(len, ages)), "p50_ms": p50, "p99_ms": p99,
+            "windows_p99_ms": window_p99(times, ages)}
+
+
+WINDOW_S = 10.0
+
+
+def window_p99(times: list[float], values: list[np.ndarray], width: float = WINDOW_S) -> list[float]:
+    """p99 of ``values`` per ``width``-second window of ``times`` (one time per array,
+    seconds from the start); a last window shorter than half a width joins the one before."""
+    if not times:
+        return []
+    t = np.asarray(times)
+    bins = (t // width).astype(np.int64)
+    last = int(bins.max())
+    if last > 0 and t.max() - last * width < width / 2:
+        bins[bins == last] = last - 1
+    return [float(np.percentile(np.concatenate([v for v, b in zip(values, bins) if b == k]), 99))
+            for k in range(int(bins.max()) + 1) if np.any(bins == k)]
+
+
+class LatencyLog:
+    """When each batch's latencies were recorded during the latency run: wraps
+    ``ServiceStats.add_latencies`` on one service's stats (an instance attribute)."""
+
+    def __init__(self, stats) -> None:
+        self.stats, self.started = stats, time.monotonic()
+        self.times: list[float] = []
+        self.latencies: list[np.ndarray] = []
+        self.consumer: list[np.ndarray] = []
+        add = stats.add_latencies
+
+        def logged(values, consumer_ms=float("nan")):
+            self.times.append(time.monotonic() - self.started)
+            self.latencies.append(values)
+            self.consumer.append(np.full(values.shape[0], consumer_ms))
+            return add(values, consumer_ms)
+        stats.add_latencies = logged
+
+    def windows(self) -> list[tuple[float, float]]:
+        """Per window: p99 event-to-published and p99 of the consumer's share, ms."""
+        return list(zip(window_p99(self.times, self.latencies), window_p99(self.times, self.consumer)))
+
+    def remove(self) -> None:
+        del self.stats.add_latencies
 
 
 def crc_implementation() -> str:
@@ -683,15 +783,15 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
             ensure_topics(config.kafka)
             topic = config.kafka.input_topic
 
-            def floor(suffix: str) -> dict:
+            def floor(suffix: str, seconds: float, skip: float = 2.0) -> dict:
                 return pipeline_floor(broker.bootstrap, f"{topic}-{suffix}", sc.partitions, events,
-                                      sc.rate, min(sc.latency_seconds, 20.0), consumer_overrides,
+                                      sc.rate, seconds, consumer_overrides,
                                       QUICK_SESSION if quick else SESSION,
-                                      config.kafka.fetch_max_wait_ms)
+                                      config.kafka.fetch_max_wait_ms, skip, sc.linger_ms)
 
             # The latency floor on the empty broker, for comparison with the one after the runs.
             if sc.latency_seconds > 0:
-                fresh_floor = floor("floor-empty")
+                fresh_floor = floor("floor-empty", min(sc.latency_seconds, 20.0))
                 say(f"latency floor on the empty broker (a consumer that only polls): record age "
                     f"at poll p50 {fresh_floor['p50_ms']:.1f} ms, p99 {fresh_floor['p99_ms']:.1f} ms")
 
@@ -728,7 +828,8 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
             # 2. latency at a fixed offered rate, the producer running beside the consumer.
             count = int(sc.rate * (sc.latency_seconds + sc.warmup))
             if sc.latency_seconds > 0:
-                proc = start_producer(broker.bootstrap, topic, events, offset, count, sc.rate)
+                proc = start_producer(broker.bootstrap, topic, events, offset, count, sc.rate,
+                                      sc.linger_ms)
                 meter = CpuMeter(consumer=os.getpid(), broker=broker.pid, producer=proc.pid)
                 grams_before = service.processor.gram_cache_counts()
                 st = service.stats
@@ -750,6 +851,8 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                     f"{lat['vectors_per_event']:.2f} vectors per event; wall us/event by stage: "
                     + _stages(lat))
                 say("latency: one call's wall ms by stage, p50 / p99 / max: " + _calls(lat))
+                say(f"latency: of it in the consumer (poll to acknowledged) p50 "
+                    f"{lat['consumer_p50_ms']:.1f} ms, p99 {lat['consumer_p99_ms']:.1f} ms")
                 g = lat["gram_cache"]
                 say(f"latency: normal-equation cache {_gram_line(g)}")
                 say(f"latency: history cache {_history_line(lat['history_cache'])}")
@@ -763,14 +866,24 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                         + ", ".join(f"{p}: {v:.0f}" for p, v in f["partition_age_p99_ms"].items())
                         + "; time between Fetch responses p50 / p99 / max (ms): "
                         + " / ".join(f"{v:.1f}" for v in f.get("response_gap_ms", ())))
+                    if "arrival_age_ms" in f:
+                        say("latency: record age when its Fetch response arrives p50 / p99 "
+                            + _pair(f["arrival_age_ms"]) + " ms: waiting for the request to be "
+                            "sent " + _pair(f["before_request_ms"]) + ", then inside the broker "
+                            + _pair(f["inside_broker_ms"]))
             offset += count
 
             # The floor under that latency: the same load, a consumer that only polls.
             if sc.latency_seconds > 0:
-                after = results["latency"]["floor"] = floor("floor")
+                # As long as the latency run, its warm-up left out likewise: the broker's
+                # cost grows with the record batches a topic holds (see the windows).
+                after = results["latency"]["floor"] = floor(
+                    "floor", sc.warmup + sc.latency_seconds, skip=sc.warmup)
                 results["latency"]["floor_empty_broker"] = fresh_floor
                 say(f"latency floor (same load, a consumer that only polls): record age at poll "
                     f"p50 {after['p50_ms']:.1f} ms, p99 {after['p99_ms']:.1f} ms")
+                say(f"latency: p99 per {WINDOW_S:.0f}-s window (ms), event to published / of it in "
+                    f"the consumer / floor's age at poll: " + _windows(results["latency"]))
 
             # 3. optional: a separate, profiled drain (numbers inflated; not the result).
             if profile:
@@ -854,7 +967,7 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
     started = time.monotonic()
     measuring = False
     measured_from = None
-    timer = probe = None
+    timer = probe = latency_log = None
     while s.consumed - base < count:
         service.run_once()
         now = time.monotonic()
@@ -864,6 +977,7 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
             meter.start()
             timer = StageTimer(service)
             probe = FetchProbe(service)
+            latency_log = LatencyLog(s)
             service.on_batch = lambda _service, outcomes: timer.on_batch(outcomes)
         if now - started > sc.latency_seconds + sc.warmup + 30:
             say("  latency: the consumer cannot keep up; stopped 30 s after the producer's end")
@@ -874,6 +988,7 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
     fetch = {}
     if timer is not None:
         fetch = probe.summary()
+        latency_log.remove()
         probe.remove()  # installed after the timer: removed first
         timer.remove()
         service.on_batch = None
@@ -881,6 +996,7 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
     summary = finish_producer(proc)
     values = np.concatenate(s.latencies_ms) if s.latencies_ms else np.array([np.nan])
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    c50, c99 = s.consumer_latency_percentiles(50, 99)
     t0, n0, b0, v0 = measured_from
     consumed = max(1, s.consumed - n0)
     stages = timer.stages(seconds)
@@ -889,9 +1005,56 @@ def _latency(service, proc, count: int, sc: Scenario, meter: CpuMeter, say) -> d
             "records_per_batch": consumed / max(1, s.batches - b0),
             "vectors_per_event": (s.published - v0) / consumed,
             "p95_ms": float(p95), "p99_ms": float(p99), "max_ms": float(values.max()),
+            "consumer_p50_ms": c50, "consumer_p99_ms": c99,
+            "windows_ms": latency_log.windows() if latency_log is not None else [],
             "consumed_per_s": (s.consumed - n0) / (time.monotonic() - t0),
             "producer_achieved_per_s": summary["sent"] / summary["seconds"], "cpu": cpu,
             "kept_up": kept_up, "fetch": fetch, "calls_ms": timer.call_percentiles()}
+
+
+def _where_it_waits(lat: dict, f: dict, sc: dict) -> str:
+    """The latency paragraph of the RESULTS section, from what the run measured."""
+    floor = lat["floor"]
+    windows, floor_windows = lat.get("windows_ms", []), floor.get("windows_p99_ms", [])
+    text = (f"Where an event waits: {f['age_p50_ms']:.0f} ms at p50 and {f['age_p99_ms']:.0f} ms at "
+            f"p99 pass before `poll` returns it, against {floor['p50_ms']:.0f} / "
+            f"{floor['p99_ms']:.0f} ms for a consumer that only polls under the same load for "
+            f"as long; the consumer's own part, from `poll` to the acknowledgement, is "
+            f"{lat['consumer_p50_ms']:.0f} / {lat['consumer_p99_ms']:.0f} ms.")
+    if "before_request_ms" in f:
+        text += (f" Of a record's age when its Fetch response arrives (p99 "
+                 f"{f['arrival_age_ms'][1]:.0f} ms), {f['before_request_ms'][1]:.0f} ms at p99 pass "
+                 f"before the Fetch that returns it is even sent: the record reaches the broker "
+                 f"late, or is not yet readable there, while earlier Fetches come back without it.")
+    if len(floor_windows) > 1:
+        text += (f" The floor grows during the run, p99 {floor_windows[0]:.0f} ms in its first "
+                 f"{WINDOW_S:.0f} s and {floor_windows[-1]:.0f} ms in its last, with no consumer "
+                 f"work at all: the embedded broker's cost per request grows with the record "
+                 f"batches a partition holds (a paced producer with `linger.ms` = "
+                 f"{sc.get('linger_ms', 5.0):g} writes hundreds a second; see docs/tansu-notes.md), and "
+                 f"the latency run's windows ("
+                 + ", ".join(f"{total:.0f}" for total, _ in windows)
+                 + " ms) follow it.")
+    if floor["p99_ms"] >= 100:
+        text += (f" p99 < 100 ms cannot be shown against this broker: even an idle consumer "
+                 f"gets 1% of the records {floor['p99_ms']:.0f} ms or more after they were "
+                 f"produced (on the empty broker before the runs, over "
+                 f"{min(sc['latency_seconds'], 20.0):.0f} s: "
+                 f"{lat['floor_empty_broker']['p50_ms']:.0f} / "
+                 f"{lat['floor_empty_broker']['p99_ms']:.0f} ms p50 / p99).")
+    if lat["consumer_p99_ms"] >= 100:
+        text += (f" The consumer's own p99 ({lat['consumer_p99_ms']:.0f} ms) is over the target "
+                 f"too: at this rate each event re-solves its user's whole history, and the "
+                 f"turn waits for CPU the broker and the producer also need.")
+    return text
+
+
+def _windows(lat: dict) -> str:
+    floor = lat.get("floor", {}).get("windows_p99_ms", [])
+    rows = []
+    for i, (total, consumer) in enumerate(lat.get("windows_ms", [])):
+        rows.append(f"{total:.0f} / {consumer:.0f} / " + (f"{floor[i]:.0f}" if i < len(floor) else "-"))
+    return ", ".join(rows)
 
 
 def _calls(t: dict) -> str:
@@ -982,6 +1145,19 @@ def markdown(r: dict, quick: bool) -> str:
     if lat.get("calls_ms"):
         lines.insert(-2, f"| at {lat['rate']:,.0f}/s: one call's wall time by stage, p50 / p99 / "
                          f"max (ms) | {_calls(lat)} | |")
+    if "consumer_p99_ms" in lat:
+        lines.insert(-2, f"| at {lat['rate']:,.0f}/s: of the latency, in the consumer (from `poll` "
+                         f"returning the record to the acknowledgement), p50 / p99 | "
+                         f"{lat['consumer_p50_ms']:.1f} / {lat['consumer_p99_ms']:.1f} ms | |")
+    if "arrival_age_ms" in f:
+        lines.insert(-2, f"| at {lat['rate']:,.0f}/s: age of a record when its Fetch response "
+                         f"arrives, p50 / p99 | {_pair(f['arrival_age_ms'])} ms: before the Fetch "
+                         f"that returned it was sent {_pair(f['before_request_ms'])}, then in "
+                         f"the broker {_pair(f['inside_broker_ms'])} | |")
+    if lat.get("windows_ms"):
+        lines.insert(-2, f"| at {lat['rate']:,.0f}/s: p99 per {WINDOW_S:.0f}-s window (ms): event "
+                         f"to published / of it in the consumer / floor's age at `poll` | "
+                         f"{_windows(lat)} | |")
     lines += [
         "",
         "Stages: `poll` is kafka-python fetching records and `streamer.fast_fetch` parsing "
@@ -1035,33 +1211,7 @@ def markdown(r: dict, quick: bool) -> str:
             f"the broker and the producer.",
         ]
         if f and "floor" in lat:
-            lines += [
-                "",
-                f"Where an event waits: {f['age_p50_ms']:.0f} ms at p50 and {f['age_p99_ms']:.0f} ms "
-                f"at p99 pass before `poll` returns it, against {lat['floor']['p50_ms']:.0f} / "
-                f"{lat['floor']['p99_ms']:.0f} ms for a consumer that only polls under the same "
-                f"load; the turn that applies and publishes it adds the rest. With that little "
-                f"headroom, any pause (a garbage collection, a RocksDB flush, the broker's) leaves "
-                f"a backlog that takes seconds to drain, and meanwhile the embedded broker, which "
-                f"answers every Fetch after its full wait with what it read by then, returns "
-                f"records for "
-                + (f"{f['partitions_with_records']:.1f} of {f['partitions_asked']:.0f} partitions "
-                   f"per response ({f['kib_per_partition']:.0f} KiB each)"
-                   if "partitions_with_records" in f else "only some of the partitions")
-                + ", so a partition's records wait several turns: the tail is queueing.",
-            ]
-            if lat["floor"]["p99_ms"] >= 100:
-                lines[-1] += (
-                    f" The floor itself is past the target: against this broker, holding what "
-                    f"the benchmark wrote ({sc['backlog']:,} events, their vectors), 1% of the "
-                    f"records reach even an idle consumer {lat['floor']['p99_ms']:.0f} ms or more "
-                    f"after they were produced, so p99 < 100 ms cannot be met here whatever the "
-                    f"consumer does; on the empty broker, before the runs, the same floor was "
-                    f"{lat['floor_empty_broker']['p50_ms']:.0f} / "
-                    f"{lat['floor_empty_broker']['p99_ms']:.0f} ms (p50 / p99).")
-            else:
-                lines[-1] += (" p99 < 100 ms needs the consumer's time per live event cut to "
-                              "about half.")
+            lines += ["", _where_it_waits(lat, f, sc)]
     if "profile" in r:
         p = r["profile"]
         lines += ["", f"Where the consumer's time goes ({p['tool']}; "
@@ -1085,6 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, help="cut the throughput drain after this long")
     p.add_argument("--rate", type=float, help="offered events/s for the latency run")
     p.add_argument("--latency-seconds", type=float, help="measured length of the latency run")
+    p.add_argument("--linger-ms", type=float, help="the latency run's producer linger.ms (default 5)")
     p.add_argument("--users", type=int)
     p.add_argument("--items", type=int)
     p.add_argument("--batch-max-records", type=int)
@@ -1103,7 +1254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sc = QUICK if args.quick else Scenario()
     changes = {name: getattr(args, name) for name in
-               ("backlog", "max_seconds", "rate", "latency_seconds", "users", "items",
+               ("backlog", "max_seconds", "rate", "latency_seconds", "linger_ms", "users", "items",
                 "batch_max_records", "batch_max_ms", "history_cache_events", "gram_cache_bytes",
                 "apply_threads")
                if getattr(args, name) is not None}
