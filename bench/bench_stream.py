@@ -1024,17 +1024,19 @@ def _where_it_waits(lat: dict, f: dict, sc: dict) -> str:
     if "before_request_ms" in f:
         text += (f" Of a record's age when its Fetch response arrives (p99 "
                  f"{f['arrival_age_ms'][1]:.0f} ms), {f['before_request_ms'][1]:.0f} ms at p99 pass "
-                 f"before the Fetch that returns it is even sent: the record reaches the broker "
-                 f"late, or is not yet readable there, while earlier Fetches come back without it.")
+                 f"before the Fetch that returns it is sent: "
+                 + ("the consumer, behind, had not asked for it yet, or "
+                    if not lat["kept_up"] else "")
+                 + "earlier Fetches came back without it (it reached the broker late, or was "
+                 "not readable there yet).")
     if len(floor_windows) > 1:
         text += (f" The floor grows during the run, p99 {floor_windows[0]:.0f} ms in its first "
                  f"{WINDOW_S:.0f} s and {floor_windows[-1]:.0f} ms in its last, with no consumer "
                  f"work at all: the embedded broker's cost per request grows with the record "
                  f"batches a partition holds (a paced producer with `linger.ms` = "
-                 f"{sc.get('linger_ms', 5.0):g} writes hundreds a second; see docs/tansu-notes.md), and "
-                 f"the latency run's windows ("
-                 + ", ".join(f"{total:.0f}" for total, _ in windows)
-                 + " ms) follow it.")
+                 f"{sc.get('linger_ms', 5.0):g} writes hundreds a second; see docs/tansu-notes.md); "
+                 f"the latency run's windows: "
+                 + ", ".join(f"{total:.0f}" for total, _ in windows) + " ms.")
     if floor["p99_ms"] >= 100:
         text += (f" p99 < 100 ms cannot be shown against this broker: even an idle consumer "
                  f"gets 1% of the records {floor['p99_ms']:.0f} ms or more after they were "
