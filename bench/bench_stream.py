@@ -366,13 +366,8 @@ class FetchProbe:
         consumer = service.consumer
         poll = consumer.poll
 
-        def probed_poll(*args, **kwargs):
-            polled = poll(*args, **kwargs)
-            ages = record_ages_ms(polled)
-            self.ages += ages
-            for tp, a in zip(polled, ages):
-                self.partition_ages.setdefault(tp.partition, []).append(a)
-            return polled
+        def probed_poll(*args, **kwargs):  # no locals: see FoldService.run_once
+            return self._record(poll(*args, **kwargs))
         self._patched = [(consumer, "poll", consumer.__dict__.get("poll"))]
         consumer.poll = probed_poll
         fetcher = getattr(consumer, "_fetcher", None)
@@ -392,6 +387,13 @@ class FetchProbe:
             self._patched.append((fetcher, "_handle_fetch_response",
                                   fetcher.__dict__.get("_handle_fetch_response")))
             fetcher._handle_fetch_response = probed_handle
+
+    def _record(self, polled: dict) -> dict:
+        ages = record_ages_ms(polled)
+        self.ages += ages
+        for tp, a in zip(polled, ages):
+            self.partition_ages.setdefault(tp.partition, []).append(a)
+        return polled
 
     def summary(self) -> dict:
         p50, p99 = age_percentiles(self.ages)

@@ -313,9 +313,20 @@ class FoldService:
         Returns the outcomes of the turn finished during this call: the previous one when
         turns overlap (empty while nothing was in flight), else this one.
         """
+        # This frame holds nothing of the turn: a poll that waited out its timeout leaves
+        # kafka-python 3.0's KafkaTimeoutError in a reference cycle whose frames reach the
+        # callers' (frame.f_back), and a finished frame keeps its locals (kafka-python's
+        # poll frame keeps the dict it returned: _turn empties it). Every turn's records,
+        # vectors and outbox entries stayed alive until a garbage collection walked them
+        # all: a 160-270 ms pause every 15-30 s at 10,000 events/s on a 2-core host.
         p = self.config.processing
-        polled = self.consumer.poll(timeout_ms=p.batch_max_ms, max_records=p.batch_max_records)
-        polled_at_ms = time.time() * 1000.0
+        return self._turn(self.consumer.poll(timeout_ms=p.batch_max_ms,
+                                             max_records=p.batch_max_records),
+                          time.time() * 1000.0)
+
+    def _turn(self, polled: dict, polled_at_ms: float) -> list[BatchOutcome]:
+        """:meth:`run_once` after its poll; ``polled_at_ms``: when the poll returned."""
+        p = self.config.processing
         # Everything below runs with no turn in flight: the stores, the publisher's error
         # state and the consumer are touched by one thread at a time.
         settled = self._pending is not None
@@ -333,6 +344,9 @@ class FoldService:
             decoded, outcome = self.processor.decode(store, records)
             outcome.polled_at_ms = polled_at_ms
             work.append((tp, store, decoded, outcome))
+        # Decoded: drop the records now. kafka-python's own poll frame returned this dict,
+        # and may outlive the turn as run_once's comment says.
+        polled.clear()
 
         work = self._still_member(work, generation)
         # Dead letters are acknowledged before the offsets past them are written.

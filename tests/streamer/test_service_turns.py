@@ -3,8 +3,10 @@ on the turn thread while the loop thread polls the next, against the real broker
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 
 import numpy as np
@@ -113,6 +115,39 @@ def test_without_overlap_a_turn_is_done_when_run_once_returns(make_app_config, m
         service.close()
     assert applied == len(events)
     assert seen["apply_threads"] == {"MainThread"} and seen["polls_while_applying"] == 0
+
+
+def test_a_finished_turn_is_freed_though_polls_time_out(make_app_config, make_kafka_producer,
+                                                        synthetic_log):
+    """kafka-python 3.0 leaves the KafkaTimeoutError of a poll that waited out its timeout in
+    a reference cycle reaching run_once's frame (``frame.f_back``). Nothing of a turn may
+    hang on that frame: it would live until a garbage collection (with the cycle collector
+    off here, forever) and make each collection walk every turn since the last."""
+    # Polls far shorter than the broker's fetch wait: nearly every poll times out.
+    config = make_app_config(partitions=2, processing={"batch_max_ms": 5},
+                             kafka={"fetch_max_wait_ms": 200})
+    events = stream_events(synthetic_log, 3000, 300)
+    producer = make_kafka_producer()
+    service = FoldService(config)
+    service.start()
+    finished: list[weakref.ref] = []
+    service.on_batch = lambda _service, outcomes: finished.extend(map(weakref.ref, outcomes))
+    gc.collect()
+    gc.disable()
+    try:
+        for burst in range(3):
+            send_all(producer, config.kafka.input_topic, events[burst * 100:(burst + 1) * 100])
+            turns(service, lambda s: s.stats.applied >= (burst + 1) * 100)
+        service.settle()
+        for _ in range(5):
+            service.run_once()  # nothing left to poll: these time out
+        last = {id(outcome) for _, outcome in service.last_applied}
+        alive = [ref() for ref in finished if ref() is not None and id(ref()) not in last]
+    finally:
+        gc.enable()
+        service.close()
+    assert service.stats.applied == len(events) and len(finished) >= 3
+    assert alive == []
 
 
 def test_a_failed_turn_is_raised_by_the_next_turn_and_close_does_not_raise_it_again(
