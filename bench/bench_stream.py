@@ -339,7 +339,7 @@ def batch_waits_ms(records: bytes, send_time: float, arrived: float,
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
 
-def _pair(values) -> str:
+def _slashed(values) -> str:
     return " / ".join(f"{v:.1f}" for v in values)
 
 
@@ -867,12 +867,12 @@ def run(sc: Scenario, *, quick: bool, profile: str | None, keep: bool, write: bo
                     say("latency: record age at poll p99 by partition (ms): "
                         + ", ".join(f"{p}: {v:.0f}" for p, v in f["partition_age_p99_ms"].items())
                         + "; time between Fetch responses p50 / p99 / max (ms): "
-                        + " / ".join(f"{v:.1f}" for v in f.get("response_gap_ms", ())))
+                        + _slashed(f.get("response_gap_ms", ())))
                     if "arrival_age_ms" in f:
                         say("latency: record age when its Fetch response arrives p50 / p99 "
-                            + _pair(f["arrival_age_ms"]) + " ms: waiting for the request to be "
-                            "sent " + _pair(f["before_request_ms"]) + ", then inside the broker "
-                            + _pair(f["inside_broker_ms"]))
+                            + _slashed(f["arrival_age_ms"]) + " ms: waiting for the request to be "
+                            "sent " + _slashed(f["before_request_ms"]) + ", then inside the broker "
+                            + _slashed(f["inside_broker_ms"]))
             offset += count
 
             # The floor under that latency: the same load, a consumer that only polls.
@@ -1140,7 +1140,7 @@ def markdown(r: dict, quick: bool) -> str:
                          f"{f['partitions_asked']:.2f} partitions asked, "
                          f"{f['kib_per_partition']:.0f} KiB per partition carried"
                          + ("; time between responses p50 / p99 / max "
-                            + " / ".join(f"{v:.1f}" for v in f["response_gap_ms"]) + " ms"
+                            + _slashed(f["response_gap_ms"]) + " ms"
                             if "response_gap_ms" in f else "") + " | |")
     if "stage_us_per_event" in lat:
         lines.insert(-2, f"| wall time per event by stage at {lat['rate']:,.0f}/s (us) | "
@@ -1155,9 +1155,9 @@ def markdown(r: dict, quick: bool) -> str:
                          f"{lat['consumer_p50_ms']:.1f} / {lat['consumer_p99_ms']:.1f} ms | |")
     if "arrival_age_ms" in f:
         lines.insert(-2, f"| at {lat['rate']:,.0f}/s: age of a record when its Fetch response "
-                         f"arrives, p50 / p99 | {_pair(f['arrival_age_ms'])} ms: before the Fetch "
-                         f"that returned it was sent {_pair(f['before_request_ms'])}, then in "
-                         f"the broker {_pair(f['inside_broker_ms'])} | |")
+                         f"arrives, p50 / p99 | {_slashed(f['arrival_age_ms'])} ms: before the Fetch "
+                         f"that returned it was sent {_slashed(f['before_request_ms'])}, then in "
+                         f"the broker {_slashed(f['inside_broker_ms'])} | |")
     if lat.get("windows_ms"):
         lines.insert(-2, f"| at {lat['rate']:,.0f}/s: p99 per {WINDOW_S:.0f}-s window (ms): event "
                          f"to published / of it in the consumer / floor's age at `poll` | "
