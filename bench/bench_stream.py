@@ -245,7 +245,7 @@ class StageTimer:
     """
 
     STAGES = (("poll", "consumer", "poll"), ("decode", "processor", "decode"),
-              ("settle", "service", "settle"), ("gather", "service", "_gather"),
+              ("settle", "service", "settle"),
               ("apply", "processor", "apply_many"), ("send_vectors", "publisher", "send_vectors"),
               ("flush", "publisher", "flush"))
     TURN_STAGES = ("apply", "send_vectors", "flush")
@@ -263,17 +263,13 @@ class StageTimer:
 
     def _timed(self, name, fn):
         seconds, calls = self.seconds, self.calls[name]
-        # gather (the loop thread fetching ahead while a turn runs) polls: its time is
-        # counted without those polls, which count as poll.
-        nested = "poll" if name == "gather" else None
 
         def timed(*args, **kwargs):
-            inner = seconds[nested] if nested else 0.0
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                took = time.perf_counter() - t - ((seconds[nested] - inner) if nested else 0.0)
+                took = time.perf_counter() - t
                 seconds[name] += took
                 calls.append(took)
         return timed
@@ -374,14 +370,6 @@ class FetchProbe:
             return self._record(poll(*args, **kwargs))
         self._patched = [(consumer, "poll", consumer.__dict__.get("poll"))]
         consumer.poll = probed_poll
-        ahead = getattr(service, "fetch_ahead", None)  # records taken while a turn runs
-        if ahead is not None:
-            take = ahead.take
-
-            def probed_take(*args, **kwargs):
-                return self._record(take(*args, **kwargs))
-            self._patched.append((ahead, "take", ahead.__dict__.get("take")))
-            ahead.take = probed_take
         fetcher = getattr(consumer, "_fetcher", None)
         handle = getattr(fetcher, "_handle_fetch_response", None)
         if handle is not None:
@@ -1084,10 +1072,9 @@ def _stages(t: dict) -> str:
             f"send_vectors {st['send_vectors']:.1f}, flush {st['flush']:.1f}")
     gc_ = f"; of all these, garbage collection {st['gc']:.1f}" if "gc" in st else ""
     if st.get("overlap"):
-        return (f"loop thread: poll {st['poll']:.1f}, decode {st['decode']:.1f}, fetching ahead "
-                f"while the turn runs {st.get('gather', 0.0):.1f}, waiting for the turn thread "
-                f"{st['settle']:.1f}, other {st['other']:.1f}; turn thread (while the loop "
-                f"fetches): {turn}{gc_}")
+        return (f"loop thread: poll {st['poll']:.1f}, decode {st['decode']:.1f}, waiting for the "
+                f"turn thread {st['settle']:.1f}, other {st['other']:.1f}; turn thread (while the "
+                f"loop polls): {turn}{gc_}")
     return (f"poll {st['poll']:.1f}, decode {st['decode']:.1f}, {turn}, "
             f"other {st['other'] + st.get('settle', 0.0):.1f}{gc_}")
 

@@ -17,15 +17,13 @@ One loop thread, and a turn thread beside it. Each turn of :meth:`FoldService.ru
 6. commit the consumed offsets to Kafka explicitly (advisory: for lag monitoring only,
    the applied offset in RocksDB is what decides where processing resumes).
 
-Steps 4-5 run on the turn thread while the loop thread fetches the next turn's records
+Steps 4-5 run on the turn thread while the loop thread polls the next turn's records
 (``processing.poll_while_applying``, default on): the fetch, which waits on the broker,
 overlaps the fold-in instead of adding to it, so a record waits for about one turn before
-it is applied instead of two. While the turn runs the loop keeps a Fetch out, taking what
-each one brings (:meth:`FoldService._gather`, :mod:`streamer.fetch_ahead`): a record that
-arrives during a turn is in the next one. At most one turn is in flight, and the loop waits
-for it (:meth:`FoldService.settle`) before anything else touches the stores, the publisher
-or the consumer's group state: steps 2-3 and 6, dead letters, model switches and closing
-see no turn in flight, so the two threads share only the fetching.
+it is applied instead of two. At most one turn is in flight, and the loop waits for it
+(:meth:`FoldService.settle`) right after its poll returns, before anything else touches
+the stores, the publisher or the consumer: steps 2-3 and 6, dead letters, model switches
+and closing see no turn in flight, so the two threads share only the poll's time.
 The store's LOCK keeps the exactly-once argument as it is: a partition revoked during the
 poll is closed only once its turn is written, and whoever takes it over opens the store
 then and resumes after the applied offset.
@@ -50,7 +48,7 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,7 +59,6 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import AppConfig
-from streamer.fetch_ahead import FetchAhead, fetch_ahead
 from streamer.fetch_wait import FetchWaitGuard
 from streamer.kafka_io import make_consumer, make_vector_producer
 from streamer.model import LoadedModel
@@ -81,11 +78,6 @@ log = logging.getLogger(__name__)
 # (the history cache, kafka-python's buffers) many times per batch. Collections every
 # ~100k allocations, after freezing what start-up built, cost a fraction of that.
 GC_THRESHOLDS = (100_000, 20, 100)
-# While a turn is applied, the loop polls (without waiting) this often for the next turn's
-# records, so that a Fetch is in flight for most of the turn (see FoldService._gather).
-GATHER_POLL_S = 0.004
-# ... and calls poll() at least this often meanwhile (see FoldService._gather).
-MAX_POLL_GAP_S = 0.5
 
 
 def _tune_gc() -> None:
@@ -210,8 +202,6 @@ class FoldService:
         self._stop = threading.Event()
         self._assignments = _AssignmentLog()
         self.consumer = None
-        self.fetch_ahead: FetchAhead | None = None  # see _gather
-        self._polled_at = 0.0  # time.monotonic() of the last poll()
         self.publisher: Publisher | None = None
         # The turn in flight when turns overlap: (its apply-and-publish, the group
         # generation its records were polled under), and the thread that runs it.
@@ -252,7 +242,6 @@ class FoldService:
         settings.update(self._consumer_overrides)
         self.consumer = make_consumer(k.bootstrap_servers, k.group_id, **settings)
         self._fetch_wait = FetchWaitGuard(self.consumer, settings["fetch_max_wait_ms"])
-        self.fetch_ahead = fetch_ahead(self.consumer) if self.config.processing.poll_while_applying else None
         self.consumer.subscribe([k.input_topic], listener=self._assignments)
         producer = make_vector_producer(k.bootstrap_servers, client_id=f"{k.client_id}-publisher")
         self.publisher = Publisher(producer, k.output_topic, k.dead_letter_topic)
@@ -331,25 +320,19 @@ class FoldService:
         # vectors and outbox entries stayed alive until a garbage collection walked them
         # all: a 160-270 ms pause every 15-30 s at 10,000 events/s on a 2-core host.
         p = self.config.processing
-        if self._pending is not None and self.fetch_ahead is not None:
-            return self._turn(*self._gather())
-        self._polled_at = time.monotonic()
         return self._turn(self.consumer.poll(timeout_ms=p.batch_max_ms,
                                              max_records=p.batch_max_records),
                           time.time() * 1000.0)
 
-    def _turn(self, polled: dict, polled_at_ms: float | dict, answered: bool = True) -> list[BatchOutcome]:
-        """:meth:`run_once` after its poll; ``polled_at_ms``: when the poll returned (or,
-        per partition, when its first record came back); ``answered``: False when no Fetch
-        came back meanwhile (the turn before ended first), so ``polled`` is empty and says
-        nothing of the broker."""
+    def _turn(self, polled: dict, polled_at_ms: float) -> list[BatchOutcome]:
+        """:meth:`run_once` after its poll; ``polled_at_ms``: when the poll returned."""
         p = self.config.processing
         # Everything below runs with no turn in flight: the stores, the publisher's error
         # state and the consumer are touched by one thread at a time.
         settled = self._pending is not None
         outcomes = self.settle()
         fresh = self._apply_assignment_changes()
-        if self._fetch_wait is not None and answered:
+        if self._fetch_wait is not None:
             self._fetch_wait.after_poll(sum(map(len, polled.values())), self._behind_log_end)
         generation = self._generation()
         work: list[tuple[TopicPartition, PartitionStore, list, BatchOutcome]] = []
@@ -359,7 +342,7 @@ class FoldService:
                 continue  # not ours (any more), or fetched before our seek
             # kafka-python's records have RawRecord's attributes: no copy per record.
             decoded, outcome = self.processor.decode(store, records)
-            outcome.polled_at_ms = polled_at_ms[tp] if isinstance(polled_at_ms, dict) else polled_at_ms
+            outcome.polled_at_ms = polled_at_ms
             work.append((tp, store, decoded, outcome))
         # Decoded: drop the records now. kafka-python's own poll frame returned this dict,
         # and may outlive the turn as run_once's comment says.
@@ -383,59 +366,6 @@ class FoldService:
         elif batches or not settled:  # (a turn finished above already did the rest)
             outcomes = self._finish(self._apply_and_publish(batches), generation)
         return outcomes
-
-    def _gather(self) -> tuple[dict, dict, bool]:
-        """The next turn's records, taken while the turn in flight is applied: ``(records
-        per partition, when each partition's first record came back, whether any Fetch came
-        back meanwhile)``.
-
-        The loop waits on the turn, waking every ``GATHER_POLL_S`` and as soon as it is
-        done. Each time no Fetch is out, :meth:`streamer.fetch_ahead.FetchAhead.take` takes
-        what the last one brought and sends the next, never waiting, so a Fetch is out for
-        most of the turn (``poll()`` sends one only when called). ``poll()`` itself, which
-        also does the group's work (rebalances, offset resets), is called at least every
-        ``MAX_POLL_GAP_S``, with a zero timeout, rather than each turn: when it finds nothing
-        buffered it waits out that timeout, and kafka-python 3.0 leaves a reference cycle
-        behind each such wait (see :meth:`run_once`; at one per turn they made a 185 ms
-        garbage collection every 45 s at 10,000 events/s). Stops at ``batch_max_records``
-        records. A partition's records stay in offset order; the consumer's share of their
-        latency starts when the first of them came back.
-        """
-        cap = self.config.processing.batch_max_records
-        in_flight = self.fetch_ahead.in_flight
-        polled: dict = {}
-        first_polled: dict = {}
-        count = 0
-        if time.monotonic() - self._polled_at > MAX_POLL_GAP_S:
-            count += self._take_into(polled, first_polled, cap, self._poll_now)
-        answered = count > 0  # (an empty zero-timeout poll may only mean a Fetch is out)
-        while count < cap and not self._stop.is_set():
-            if not in_flight():
-                count += self._take_into(polled, first_polled, cap - count, self.fetch_ahead.take)
-                answered = True
-            if self._pending is None or self._pending[0].done():
-                break
-            wait((self._pending[0],), timeout=GATHER_POLL_S)
-        return polled, first_polled, answered
-
-    def _poll_now(self, max_records: int) -> dict:
-        """``poll()`` without waiting."""
-        self._polled_at = time.monotonic()
-        return self.consumer.poll(timeout_ms=0, max_records=max_records)
-
-    @staticmethod
-    def _take_into(polled: dict, first_polled: dict, max_records: int,
-                   take: Callable[[int], dict]) -> int:
-        """``take(max_records)``'s records appended to ``polled``; how many."""
-        more = take(max_records)
-        at_ms = time.time() * 1000.0
-        count = 0
-        for tp in more:
-            polled.setdefault(tp, []).extend(more[tp])
-            first_polled.setdefault(tp, at_ms)
-            count += len(more[tp])
-        more.clear()  # (the frames of a poll that timed out may outlive the turn)
-        return count
 
     def settle(self) -> list[BatchOutcome]:
         """Wait for the turn in flight, if any, and finish it: switch a stale partition,

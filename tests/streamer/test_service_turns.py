@@ -20,8 +20,7 @@ from tests.streamer.test_service import latest_by_key, read_topic, send_all, str
 
 
 def held_apply(service: FoldService, hold_s: float):
-    """Make each turn's apply wait ``hold_s`` first; record the polls (and fetch-ahead
-    takes) made meanwhile."""
+    """Make each turn's apply wait ``hold_s`` first; record the polls made meanwhile."""
     seen = {"applying": 0, "polls_while_applying": 0, "apply_threads": set()}
     apply_many, poll = service.processor.apply_many, service.consumer.poll
 
@@ -41,14 +40,6 @@ def held_apply(service: FoldService, hold_s: float):
 
     service.processor.apply_many = slow_apply
     service.consumer.poll = watched_poll
-    if service.fetch_ahead is not None:
-        take = service.fetch_ahead.take
-
-        def watched_take(*args, **kwargs):
-            if seen["applying"]:
-                seen["polls_while_applying"] += 1
-            return take(*args, **kwargs)
-        service.fetch_ahead.take = watched_take
     return seen
 
 
@@ -198,99 +189,3 @@ def test_an_interrupted_wait_leaves_the_turn_for_close_to_finish(make_app_config
     with pytest.raises(KeyboardInterrupt):
         service.settle()
     assert service._pending == (turn, (1, "member"))  # close() waits for it
-
-
-def test_records_sent_while_a_turn_is_applied_are_all_in_the_next_turn(
-        make_app_config, make_kafka_producer, synthetic_log, trained_registry):
-    """The loop keeps a Fetch out while the turn thread works (FoldService._gather): what
-    arrives during a turn is fetched during it, not one poll's worth and the rest later."""
-    config = make_app_config(partitions=2, kafka={"fetch_max_wait_ms": 20})
-    topic = config.kafka.input_topic
-    events = stream_events(synthetic_log, 3000, 400)
-    producer = make_kafka_producer()
-    send_all(producer, topic, events[:100])
-    service = FoldService(config)
-    service.start()
-    sizes: list[int] = []
-    apply_many = service.processor.apply_many
-
-    def apply_while_events_arrive(work):
-        sizes.append(sum(outcome.consumed for _, _, outcome, _ in work))
-        if len(sizes) == 1:  # three bursts arrive while the first turn is applied
-            for start in (100, 200, 300):
-                send_all(producer, topic, events[start:start + 100])
-                time.sleep(0.3)
-        return apply_many(work)
-
-    service.processor.apply_many = apply_while_events_arrive
-    try:
-        turns(service, lambda s: s.stats.applied == len(events))
-    finally:
-        service.close()
-    assert sizes[1] == len(events) - sizes[0], sizes  # the second turn holds all the rest
-    expected = offline_vectors(trained_registry, events)
-    with StoreReader(config.store.state_dir, topic=topic) as reader:
-        stored = reader.get_vectors(list(expected))
-        assert sum(reader.applied_offsets().values()) + 2 == len(events)
-    for user, vector in expected.items():
-        np.testing.assert_allclose(stored[user].vector, vector, rtol=1e-5, atol=1e-6)
-
-
-class _Ahead:
-    """A FetchAhead stand-in: a Fetch is out while ``out`` is true; ``take`` hands out the
-    next of ``takes`` (records per partition), cut to ``max_records``."""
-
-    def __init__(self, takes: list[dict], out: bool = False) -> None:
-        self.takes, self.out, self.asked = list(takes), out, []
-
-    def in_flight(self) -> bool:
-        return self.out
-
-    def take(self, max_records: int) -> dict:
-        self.asked.append(max_records)
-        if not self.takes:
-            return {}
-        taken = {}
-        for tp, records in self.takes.pop(0).items():
-            taken[tp] = records[:max_records - sum(map(len, taken.values()))]
-        return {tp: records for tp, records in taken.items() if records}
-
-
-def gathering(make_app_config, ahead: _Ahead, turn: Future, **processing) -> FoldService:
-    service = FoldService(make_app_config(partitions=1, processing=processing) if processing
-                          else make_app_config(partitions=1))
-    service.fetch_ahead = ahead
-    service._pending = (turn, (1, "member"))
-    service._polled_at = time.monotonic()  # polled just now: no poll() due
-    return service
-
-
-def test_gather_appends_each_partitions_records_in_order_until_the_turn_is_done(make_app_config):
-    a, b = TopicPartition("in", 0), TopicPartition("in", 1)
-    turn = Future()
-    ahead = _Ahead([{a: [1, 2]}, {b: [10]}, {a: [3], b: [11, 12]}])
-    service = gathering(make_app_config, ahead, turn)
-    threading.Timer(0.2, turn.set_result, ([],)).start()
-    polled, first_polled, answered = service._gather()
-    assert polled == {a: [1, 2, 3], b: [10, 11, 12]} and answered
-    assert first_polled[a] <= first_polled[b]  # when each partition's first record came back
-    assert turn.done()  # it gathered until the turn was done
-
-
-def test_gather_stops_at_batch_max_records(make_app_config):
-    a = TopicPartition("in", 0)
-    ahead = _Ahead([{a: [1, 2]}, {a: [3, 4]}, {a: [5, 6]}])
-    service = gathering(make_app_config, ahead, Future(), batch_max_records=3)
-    polled, _, _ = service._gather()  # the turn never ends: only the cap stops it
-    assert polled == {a: [1, 2, 3]} and ahead.asked == [3, 1]
-
-
-def test_gather_with_a_fetch_out_all_turn_takes_nothing_and_says_so(make_app_config):
-    """No Fetch came back: the empty result says nothing of the broker, and must not count
-    as an empty poll for the fetch-wait guard (it once raised the wait to 500 ms)."""
-    turn = Future()
-    ahead = _Ahead([{TopicPartition("in", 0): [1]}], out=True)
-    service = gathering(make_app_config, ahead, turn)
-    threading.Timer(0.05, turn.set_result, ([],)).start()
-    assert service._gather() == ({}, {}, False)
-    assert ahead.asked == []  # never took with a Fetch out
