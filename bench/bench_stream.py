@@ -1050,20 +1050,19 @@ def _where_it_waits(lat: dict, f: dict, sc: dict) -> str:
                     if not lat["kept_up"] else "")
                  + "earlier Fetches came back without it (it reached the broker late, or was "
                  "not readable there yet).")
-    if len(floor_windows) > 1 and max(floor_windows) < 1.5 * min(floor_windows):
-        text += (f" The floor holds during the run (p99 {min(floor_windows):.0f}-"
-                 f"{max(floor_windows):.0f} ms per {WINDOW_S:.0f} s); the latency run's windows: "
-                 + ", ".join(f"{total:.0f}" for total, _ in windows) + " ms.")
-    elif len(floor_windows) > 1:
-        text += (f" The floor grows during the run, p99 {floor_windows[0]:.0f} ms in its first "
-                 f"{WINDOW_S:.0f} s and {floor_windows[-1]:.0f} ms in its last, with no consumer "
-                 f"work at all: the embedded broker's cost per request grows with the record "
-                 f"batches a partition holds (a paced producer with `linger.ms` = "
-                 f"{sc.get('linger_ms', LATENCY_LINGER_MS):g} writes up to "
-                 f"{1e3 / max(1.0, sc.get('linger_ms', LATENCY_LINGER_MS)):.0f} a second to each "
-                 f"partition; see docs/tansu-notes.md); "
-                 f"the latency run's windows: "
-                 + ", ".join(f"{total:.0f}" for total, _ in windows) + " ms.")
+    if len(floor_windows) > 1:
+        if max(floor_windows) < 1.5 * min(floor_windows):
+            text += (f" The floor holds during the run (p99 {min(floor_windows):.0f}-"
+                     f"{max(floor_windows):.0f} ms per {WINDOW_S:.0f} s);")
+        else:
+            linger = sc["linger_ms"]
+            text += (f" The floor grows during the run, p99 {floor_windows[0]:.0f} ms in its "
+                     f"first {WINDOW_S:.0f} s and {floor_windows[-1]:.0f} ms in its last, with no "
+                     f"consumer work at all: the embedded broker's cost per request grows with "
+                     f"the record batches a partition holds (a paced producer with `linger.ms` = "
+                     f"{linger:g} writes up to {1e3 / max(1.0, linger):.0f} a second to each "
+                     f"partition; see docs/tansu-notes.md);")
+        text += " the latency run's windows: " + ", ".join(f"{total:.0f}" for total, _ in windows) + " ms."
     if floor["p99_ms"] >= 100:
         text += (f" p99 < 100 ms cannot be shown against this broker: even an idle consumer "
                  f"gets 1% of the records {floor['p99_ms']:.0f} ms or more after they were "
@@ -1123,7 +1122,7 @@ def markdown(r: dict, quick: bool) -> str:
         f"history_cache_events={r['processing']['history_cache_events']}, "
         f"gram_cache_bytes={r['processing']['gram_cache_bytes']}, "
         f"apply_threads={r['processing']['apply_threads']}, fetch_max_wait_ms="
-        f"{r.get('fetch_max_wait_ms', 20)}. "
+        f"{r['fetch_max_wait_ms']}. "
         f"kafka-python CRC32C: {r['crc32c']}.",
         "",
         "| measurement | value | target |",
@@ -1137,7 +1136,7 @@ def markdown(r: dict, quick: bool) -> str:
         f"| vectors published while draining | {t['vectors']:,} "
         f"({t['vectors'] / max(1, t['records']):.2f} per event, {t['batches']:,} batches) | |",
         f"| latency at {lat['rate']:,.0f} events/s offered (producer `linger.ms` "
-        f"{sc.get('linger_ms', LATENCY_LINGER_MS):g}), p50 / p95 / p99 | "
+        f"{sc['linger_ms']:g}), p50 / p95 / p99 | "
         f"**{lat['p50_ms']:.1f} / {lat['p95_ms']:.1f} / {lat['p99_ms']:.1f} ms** "
         f"(max {lat['max_ms']:.1f}; {lat['events']:,} events"
         f"{'' if lat['kept_up'] else '; DID NOT KEEP UP, consumed %.0f/s' % lat['consumed_per_s']}"
